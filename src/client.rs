@@ -1,0 +1,532 @@
+//! One client connection, from TCP accept to goodbye.
+//!
+//! The phases follow the protocol: negotiation (SSLRequest, GSSENCRequest, CancelRequest
+//! or StartupMessage), authentication, the greeting (ParameterStatus, BackendKeyData,
+//! ReadyForQuery), then the session: wait for a request, attach a server, relay until a
+//! transaction boundary, release the server, and wait again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::cancel::SlotGuard;
+use crate::config::PoolMode;
+use crate::error::{Error, Result};
+use crate::params::{self, ParamSet, ParamValue};
+use crate::pool::Pool;
+use crate::protocol::backend;
+use crate::protocol::startup::{self, StartupMessage, StartupPacket};
+use crate::protocol::tag;
+use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
+use crate::server::Server;
+use crate::App;
+
+/// Memory an idle client keeps for its read buffer; more is given back after a burst.
+const IDLE_BUFFER: usize = 4 * 1024;
+
+/// Entry point for an accepted connection.
+pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
+    let span = info_span!("client", client.addr = %addr);
+    async move {
+        match serve(&app, stream).await {
+            Ok(()) => debug!("client disconnected"),
+            Err(Error::ClientIo(e)) => debug!(error = %e, "client connection lost"),
+            Err(e) => {
+                crate::metrics::error(e.kind());
+                match &e {
+                    Error::Auth { .. } | Error::ClientProtocol(_) | Error::UnknownDatabase(_) => {
+                        debug!(error = %e, "client refused")
+                    }
+                    _ => warn!(error = %e, "client session ended with an error"),
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the whole connection. Errors that the client should hear about have already been
+/// sent to it when this returns.
+async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
+    let _ = stream.set_nodelay(true);
+    let login_timeout = app.config.pgmux.client_login_timeout;
+    let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
+    let mut client = match login {
+        Ok(Ok(Some(session))) => Client {
+            stream,
+            flow: Flow::default(),
+            pool: session.pool,
+            mode: session.mode,
+            params: session.params,
+            reported: session.reported,
+            tracker: Tracker::default(),
+            cancel: session.cancel,
+            _admission: session.admission,
+        },
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            tell(&mut stream, &e).await;
+            return Err(e);
+        }
+        Err(_) => {
+            return Err(Error::ClientProtocol(format!(
+                "client_login_timeout ({}) expired",
+                humantime::format_duration(login_timeout)
+            )))
+        }
+    };
+    let result = client.run(app).await;
+    if let Err(e) = &result {
+        tell(&mut client.stream, e).await;
+    }
+    client.pool.client_disconnected();
+    result
+}
+
+/// Sends the client the ErrorResponse for `e`, if it has one; failures are moot.
+async fn tell(stream: &mut TcpStream, e: &Error) {
+    let mut buf = BytesMut::new();
+    e.write_response(&mut buf);
+    if !buf.is_empty() {
+        let _ = stream.write_all(&buf).await;
+    }
+}
+
+/// A logged-in client.
+struct Client {
+    stream: TcpStream,
+    flow: Flow,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    params: Arc<ParamSet>,
+    reported: Vec<(String, String)>,
+    tracker: Tracker,
+    cancel: SlotGuard,
+    /// Keeps the max_client_conn count until the client is gone.
+    _admission: crate::Admission,
+}
+
+/// What login establishes for the session.
+struct Session {
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    params: Arc<ParamSet>,
+    reported: Vec<(String, String)>,
+    cancel: SlotGuard,
+    admission: crate::Admission,
+}
+
+/// Negotiation and authentication. Returns `None` for a connection that only came to
+/// cancel a query.
+async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>> {
+    let Some(startup) = negotiate(app, stream).await? else {
+        return Ok(None);
+    };
+    let admission = app.admit().ok_or(Error::TooManyClients)?;
+
+    let mut out = BytesMut::new();
+    if startup.minor_version != 0 || !startup.protocol_options.is_empty() {
+        backend::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
+        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        out.clear();
+    }
+    if startup
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return Err(Error::ClientProtocol(
+            "replication connections are not supported".into(),
+        ));
+    }
+    let user = startup
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Error::ClientProtocol("no PostgreSQL user name specified".into()))?
+        .to_string();
+    let database = startup.get("database").unwrap_or(&user).to_string();
+    let params = startup_params(&startup)?;
+
+    let creds = app.users.get(&user);
+    crate::auth::authenticate(stream, app.config.pgmux.auth_type, &user, creds).await?;
+
+    let pool = app.pool(&database, &user)?;
+    let reported = pool.reported_params().await?;
+    let reported = greeting_params(&reported, &startup);
+
+    let cancel = app.cancels.register();
+    backend::authentication_ok(&mut out);
+    for (name, value) in &reported {
+        backend::parameter_status(&mut out, name, value);
+    }
+    backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
+    backend::ready_for_query(&mut out, b'I');
+    stream.write_all(&out).await.map_err(Error::ClientIo)?;
+    debug!(user = %user, database = %database, "client logged in");
+
+    pool.client_connected();
+    let mode = pool.settings().mode;
+    Ok(Some(Session {
+        pool,
+        mode,
+        params: Arc::new(params),
+        reported,
+        cancel,
+        admission,
+    }))
+}
+
+/// Reads packets until a StartupMessage (or a CancelRequest, handled here).
+async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<StartupMessage>> {
+    // SSLRequest then GSSENCRequest is the most a real client sends before its startup.
+    for _ in 0..3 {
+        let packet = match startup::read(stream).await.map_err(Error::ClientIo)? {
+            Ok(packet) => packet,
+            Err(e) => return Err(Error::ClientProtocol(e.to_string())),
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+            }
+            StartupPacket::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                app.cancels.cancel(process_id, secret_key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(message) => return Ok(Some(message)),
+        }
+    }
+    Err(Error::ClientProtocol(
+        "too many negotiation requests".into(),
+    ))
+}
+
+/// The session parameters a startup packet asks for, `options` included.
+fn startup_params(startup: &StartupMessage) -> Result<ParamSet> {
+    let mut set = ParamSet::default();
+    for (name, value) in &startup.params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                for (name, value) in parse_options(value)? {
+                    add_param(&mut set, &name, &value)?;
+                }
+            }
+            _ => add_param(&mut set, name, value)?,
+        }
+    }
+    Ok(set)
+}
+
+fn add_param(set: &mut ParamSet, name: &str, value: &str) -> Result<()> {
+    if !params::valid_name(name) {
+        return Err(Error::ClientProtocol(format!(
+            "invalid configuration parameter name \"{name}\""
+        )));
+    }
+    set.set(name, ParamValue::Value(value.to_string()));
+    Ok(())
+}
+
+/// Parses the `options` startup parameter: `-c name=value` and `--name=value` switches,
+/// separated by spaces, with `\` escaping the next character.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let setting = if word == "-c" {
+            words.next()
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            word.strip_prefix("--").map(str::to_string)
+        };
+        let setting = setting.ok_or_else(|| {
+            Error::ClientProtocol(format!("unsupported option \"{word}\" in options"))
+        })?;
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| Error::ClientProtocol(format!("option \"{setting}\" has no value")))?;
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// ParameterStatus for the greeting: the server's values, with the client's own startup
+/// choices in their place (the first server attached reports them normalised).
+fn greeting_params(server: &[(String, String)], startup: &StartupMessage) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = server.to_vec();
+    for (name, value) in &startup.params {
+        if let Some(entry) = out.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            entry.1 = value.clone();
+        } else if name == "application_name" {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    out
+}
+
+impl Client {
+    fn limits<'a>(&self, app: &'a App, pool: &'a Pool) -> Limits<'a> {
+        let g = &app.config.pgmux;
+        Limits {
+            max_message_size: g.max_message_size,
+            stop_at_boundary: self.mode == PoolMode::Transaction,
+            idle_transaction_timeout: g.idle_transaction_timeout,
+            query_timeout: g.query_timeout,
+            metrics: &pool.metrics,
+        }
+    }
+
+    /// The session loop.
+    async fn run(&mut self, app: &Arc<App>) -> Result<()> {
+        loop {
+            if !self.wait_for_request(app).await? {
+                return Ok(());
+            }
+            let mut server = self.attach().await?;
+            let pool = Arc::clone(&self.pool);
+            let limits = self.limits(app, &pool);
+            let end = relay::run(
+                ClientEnd {
+                    stream: &mut self.stream,
+                    flow: &mut self.flow,
+                    params: &mut self.params,
+                    reported: &mut self.reported,
+                },
+                &mut server,
+                &mut self.tracker,
+                &limits,
+                &mut CancelOnTimeout,
+            )
+            .await;
+            match end {
+                Ok(End::Boundary) => self.detach(server).await,
+                Ok(End::Terminate) | Ok(End::ClientClosed) => {
+                    self.detach(server).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.detach(server).await;
+                    return Err(e);
+                }
+            }
+            self.flow.shrink_if_idle(IDLE_BUFFER);
+        }
+    }
+
+    /// Waits, holding no server, until the client sends something that needs one.
+    /// Returns `false` when the client leaves. Requests that need no server (a lone
+    /// Sync or Flush between transactions) are answered here.
+    async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
+        loop {
+            if let Some(pending) = self.flow.pending().get(..5) {
+                let tag = pending[0];
+                let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                match (tag, len) {
+                    (tag::TERMINATE, _) => return Ok(false),
+                    (tag::SYNC, 4) => {
+                        self.flow.buf.advance(5);
+                        let mut out = BytesMut::new();
+                        backend::ready_for_query(&mut out, b'I');
+                        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+                    }
+                    (tag::FLUSH, 4) => {
+                        self.flow.buf.advance(5);
+                    }
+                    _ if is_request(tag) => return Ok(true),
+                    _ => {
+                        return Err(Error::ClientProtocol(format!(
+                            "unexpected message type {:?}",
+                            tag as char
+                        )))
+                    }
+                }
+                continue;
+            }
+            if self.flow.buf.capacity() - self.flow.buf.len() < 512 {
+                self.flow.buf.reserve(IDLE_BUFFER);
+            }
+            let read = tokio::select! {
+                read = self.stream.read_buf(&mut self.flow.buf) => read,
+                _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
+            };
+            match read {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.pool.metrics.bytes_received.increment(n as u64),
+                Err(e) => return Err(Error::ClientIo(e)),
+            }
+        }
+    }
+
+    /// Takes a server for the client and brings its session parameters in line.
+    async fn attach(&mut self) -> Result<Server> {
+        let mut server = self.pool.checkout().await?;
+        if let Err(e) = self.sync_params(&mut server).await {
+            let clean = !server.broken && matches!(e, Error::ServerLogin { .. });
+            self.pool.release(server, clean);
+            return Err(e);
+        }
+        self.cancel.slot.set_target(Some(server.cancel_key.clone()));
+        Ok(server)
+    }
+
+    async fn sync_params(&mut self, server: &mut Server) -> Result<()> {
+        let Some(sql) = params::sync_query(&self.params, &server.params) else {
+            return Ok(());
+        };
+        let outcome = server
+            .run_quietly(&sql)
+            .await
+            .inspect_err(|_| server.broken = true)?;
+        if outcome.status != b'I' {
+            server.broken = true;
+        }
+        if let Some((code, message)) = outcome.error {
+            return Err(Error::ServerLogin {
+                code,
+                message: format!("could not apply session parameters: {message}"),
+            });
+        }
+        let mut out = BytesMut::new();
+        for (name, value) in &outcome.reported {
+            let known = self.reported.iter().any(|(n, v)| n == name && v == value);
+            if !known {
+                backend::parameter_status(&mut out, name, value);
+                relay::remember_reported(&mut self.reported, name, value);
+            }
+            if params::valid_name(name) && !params::is_read_only(name) {
+                Arc::make_mut(&mut self.params).set(name, ParamValue::Value(value.clone()));
+            }
+        }
+        if !out.is_empty() {
+            self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        }
+        server.params = Arc::clone(&self.params);
+        Ok(())
+    }
+
+    /// Gives the server back: clean if the client left it at a boundary, rolled back if
+    /// it left mid-transaction but quiet, closed otherwise.
+    async fn detach(&mut self, mut server: Server) {
+        self.cancel.slot.set_target(None);
+        server.params = Arc::clone(&self.params);
+        let clean = self.make_clean(&mut server).await;
+        self.pool.release(server, clean);
+        self.tracker = Tracker::default();
+    }
+
+    async fn make_clean(&self, server: &mut Server) -> bool {
+        if server.broken || !server.flow.is_empty() || !self.tracker.quiet() {
+            return false;
+        }
+        let reset = match (self.mode, self.tracker.status()) {
+            (PoolMode::Transaction, b'I') => return true,
+            (PoolMode::Transaction, _) => "ROLLBACK",
+            (PoolMode::Session, b'I') => "DISCARD ALL",
+            (PoolMode::Session, _) => "ROLLBACK; DISCARD ALL",
+        };
+        let mut ok = true;
+        for statement in reset.split("; ") {
+            let run = tokio::time::timeout(CLEANUP_TIMEOUT, server.run_quietly(statement)).await;
+            ok &= matches!(run, Ok(Ok(ref o)) if o.error.is_none() && o.status == b'I');
+        }
+        if ok && self.mode == PoolMode::Session {
+            server.params = Arc::new(ParamSet::default());
+        }
+        ok
+    }
+}
+
+/// How long pgmux waits for a ROLLBACK or DISCARD ALL before closing the server instead.
+const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Message types that start or continue a request to the server.
+fn is_request(tag: u8) -> bool {
+    matches!(
+        tag,
+        tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::FLUSH
+            | tag::SYNC
+            | tag::FUNCTION_CALL
+    )
+}
+
+struct CancelOnTimeout;
+
+impl relay::Hooks for CancelOnTimeout {
+    fn query_timed_out(&mut self, server: &Server) {
+        let key = server.cancel_key.clone();
+        tokio::spawn(async move { crate::cancel::send(&key).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_like_postgres() {
+        let parsed =
+            parse_options("-c search_path=a,b  --statement-timeout=5s -cwork_mem=4MB").unwrap();
+        assert_eq!(
+            parsed,
+            vec![
+                ("search_path".to_string(), "a,b".to_string()),
+                ("statement_timeout".to_string(), "5s".to_string()),
+                ("work_mem".to_string(), "4MB".to_string()),
+            ]
+        );
+        let escaped = parse_options(r"-c application_name=my\ app").unwrap();
+        assert_eq!(escaped[0].1, "my app");
+        assert!(parse_options("-x").is_err());
+        assert!(parse_options("-c nothing").is_err());
+    }
+
+    #[test]
+    fn greeting_uses_client_values() {
+        let server = vec![
+            ("TimeZone".to_string(), "UTC".to_string()),
+            ("server_version".to_string(), "15.1".to_string()),
+        ];
+        let startup = StartupMessage {
+            params: vec![
+                ("timezone".into(), "Europe/Paris".into()),
+                ("application_name".into(), "x".into()),
+            ],
+            ..Default::default()
+        };
+        let g = greeting_params(&server, &startup);
+        assert!(g.contains(&("TimeZone".to_string(), "Europe/Paris".to_string())));
+        assert!(g.contains(&("application_name".to_string(), "x".to_string())));
+        assert!(g.contains(&("server_version".to_string(), "15.1".to_string())));
+    }
+}

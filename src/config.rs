@@ -1,0 +1,406 @@
+//! The TOML configuration: what the operator writes, its defaults, and validation.
+//!
+//! Every key is documented with its default in `conf/pgmux.toml`. Durations are strings
+//! such as `"250ms"`, `"5s"` or `"2m"`; `"0"` (or `"0s"`) disables a timeout.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub pgmux: General,
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// How long a server connection is kept attached to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server is attached for one transaction and returned at its end.
+    Transaction,
+    /// A server is attached for the client's whole connection.
+    Session,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "plain")]
+    Plain,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// Settings under `[pgmux]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct General {
+    /// Client-facing address.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Prometheus endpoint; `/metrics` is served here. Unset disables it.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default = "defaults::pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) unless a database overrides it.
+    #[serde(default = "defaults::pool_size")]
+    pub default_pool_size: usize,
+    /// Server connections each pool keeps open even when idle.
+    #[serde(default)]
+    pub min_pool_size: usize,
+    /// Upper bound on server connections to one database across all its users; 0 = none.
+    #[serde(default)]
+    pub max_db_connections: usize,
+    /// Connected clients beyond which new clients are refused with 53300.
+    #[serde(default = "defaults::max_client_conn")]
+    pub max_client_conn: usize,
+    #[serde(default = "defaults::auth_type")]
+    pub auth_type: AuthType,
+    /// How long a client may wait for a server before it is told so and disconnected.
+    #[serde(default = "defaults::query_wait_timeout", with = "duration")]
+    pub query_wait_timeout: Duration,
+    /// Time allowed from TCP accept to the end of authentication.
+    #[serde(default = "defaults::client_login_timeout", with = "duration")]
+    pub client_login_timeout: Duration,
+    /// A client idle inside a transaction for longer than this is disconnected; 0 = never.
+    #[serde(default, with = "duration")]
+    pub idle_transaction_timeout: Duration,
+    /// A query running longer than this is cancelled; 0 = never.
+    #[serde(default, with = "duration")]
+    pub query_timeout: Duration,
+    /// Time allowed to open and log in a server connection.
+    #[serde(default = "defaults::server_connect_timeout", with = "duration")]
+    pub server_connect_timeout: Duration,
+    /// Idle server connections above `min_pool_size` are closed after this; 0 = never.
+    #[serde(default = "defaults::server_idle_timeout", with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// Server connections are closed when released after this age; 0 = never.
+    #[serde(default = "defaults::server_lifetime", with = "duration")]
+    pub server_lifetime: Duration,
+    /// Interval of pool upkeep: refilling to min_pool_size and closing expired servers.
+    #[serde(default = "defaults::maintenance_interval", with = "duration")]
+    pub maintenance_interval: Duration,
+    /// Largest message a client may send; longer ones are refused before any allocation.
+    #[serde(default = "defaults::max_message_size")]
+    pub max_message_size: usize,
+    /// Time given to clients and transactions to finish after SIGTERM.
+    #[serde(default = "defaults::shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Sent to clients as `server_version` before any server connection exists; replaced by
+    /// the real server's value as soon as one has logged in.
+    #[serde(default)]
+    pub server_version: Option<String>,
+}
+
+/// A `[users.NAME]` table: the credentials clients present, also used towards the server.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub password: String,
+    /// Overrides the pool size of every database for this user.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("password", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// A `[databases.NAME]` table: where the database clients name really lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    #[serde(default = "defaults::host")]
+    pub host: String,
+    #[serde(default = "defaults::port")]
+    pub port: u16,
+    /// Server-side database name; defaults to the table's name.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    #[serde(default)]
+    pub min_pool_size: Option<usize>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+}
+
+impl Database {
+    /// The name to ask the server for.
+    pub fn server_dbname<'a>(&'a self, client_name: &'a str) -> &'a str {
+        self.dbname.as_deref().unwrap_or(client_name)
+    }
+}
+
+/// A configuration that could not be loaded, with the key or reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        let g = &self.pgmux;
+        if g.default_pool_size == 0 {
+            return Err(invalid("pgmux.default_pool_size", "must be at least 1"));
+        }
+        if g.max_client_conn == 0 {
+            return Err(invalid("pgmux.max_client_conn", "must be at least 1"));
+        }
+        if g.max_message_size < 1024 {
+            return Err(invalid("pgmux.max_message_size", "must be at least 1024"));
+        }
+        if g.maintenance_interval.is_zero() {
+            return Err(invalid("pgmux.maintenance_interval", "must be positive"));
+        }
+        if g.server_connect_timeout.is_zero() {
+            return Err(invalid("pgmux.server_connect_timeout", "must be positive"));
+        }
+        if g.client_login_timeout.is_zero() {
+            return Err(invalid("pgmux.client_login_timeout", "must be positive"));
+        }
+        if self.databases.contains_key(crate::ADMIN_DATABASE) {
+            return Err(invalid(
+                "databases.pgmux",
+                "the name is reserved for pgmux's own console",
+            ));
+        }
+        for (name, db) in &self.databases {
+            let key = |field: &str| format!("databases.{name}.{field}");
+            if db.pool_size == Some(0) {
+                return Err(invalid(&key("pool_size"), "must be at least 1"));
+            }
+            if db.host.is_empty() {
+                return Err(invalid(&key("host"), "must not be empty"));
+            }
+            if db.port == 0 {
+                return Err(invalid(&key("port"), "must be a TCP port"));
+            }
+        }
+        for (name, user) in &self.users {
+            if user.pool_size == Some(0) {
+                return Err(invalid(
+                    &format!("users.{name}.pool_size"),
+                    "must be at least 1",
+                ));
+            }
+            if user.password.contains('\0') {
+                return Err(invalid(
+                    &format!("users.{name}.password"),
+                    "contains a NUL byte",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pool settings for one (database, user) pair, with defaults and overrides resolved.
+    pub fn pool_settings(&self, db: &Database, user: &User) -> PoolSettings {
+        let g = &self.pgmux;
+        let size = user
+            .pool_size
+            .or(db.pool_size)
+            .unwrap_or(g.default_pool_size);
+        PoolSettings {
+            size,
+            min_size: db.min_pool_size.unwrap_or(g.min_pool_size).min(size),
+            mode: db.pool_mode.unwrap_or(g.pool_mode),
+            query_wait_timeout: g.query_wait_timeout,
+            server_connect_timeout: g.server_connect_timeout,
+            server_idle_timeout: g.server_idle_timeout,
+            server_lifetime: g.server_lifetime,
+            maintenance_interval: g.maintenance_interval,
+        }
+    }
+}
+
+/// The settings one pool runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_size: usize,
+    pub mode: PoolMode,
+    pub query_wait_timeout: Duration,
+    pub server_connect_timeout: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub maintenance_interval: Duration,
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn listen() -> SocketAddr {
+        "127.0.0.1:6432".parse().expect("constant address")
+    }
+    pub fn pool_mode() -> PoolMode {
+        PoolMode::Transaction
+    }
+    pub fn pool_size() -> usize {
+        20
+    }
+    pub fn max_client_conn() -> usize {
+        10_000
+    }
+    pub fn auth_type() -> AuthType {
+        AuthType::ScramSha256
+    }
+    pub fn query_wait_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn client_login_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn server_connect_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn server_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn server_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn maintenance_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_message_size() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn host() -> String {
+        "127.0.0.1".to_string()
+    }
+    pub fn port() -> u16 {
+        5432
+    }
+}
+
+/// Durations as humane strings ("250ms", "5s", "2m"); a bare `0` means disabled.
+mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Int(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(0) => Ok(Duration::ZERO),
+            Raw::Int(_) => Err(serde::de::Error::custom(
+                "durations need a unit, as in \"5s\" or \"250ms\"",
+            )),
+            Raw::Text(s) if s.trim() == "0" => Ok(Duration::ZERO),
+            Raw::Text(s) => humantime::parse_duration(s.trim())
+                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e})"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [pgmux]
+        listen = "127.0.0.1:6432"
+        query_wait_timeout = "250ms"
+        [users.app]
+        password = "secret"
+        [databases.appdb]
+        port = 5433
+    "#;
+
+    #[test]
+    fn defaults_fill_unset_keys() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.pgmux.pool_mode, PoolMode::Transaction);
+        assert_eq!(config.pgmux.default_pool_size, 20);
+        assert_eq!(config.pgmux.auth_type, AuthType::ScramSha256);
+        assert_eq!(config.pgmux.query_wait_timeout, Duration::from_millis(250));
+        let db = &config.databases["appdb"];
+        assert_eq!(db.server_dbname("appdb"), "appdb");
+        assert_eq!(db.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let text = MINIMAL.replace("query_wait_timeout = \"250ms\"", "default_pool_size = 0");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("pgmux.default_pool_size"), "{err}");
+
+        let text = MINIMAL.replace("\"250ms\"", "\"soon\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("query_wait_timeout"), "{err}");
+
+        let text = MINIMAL.replace("port = 5433", "port = 5433\nbogus = 1");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        let config = Config::parse(MINIMAL).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn overrides_resolve_per_pool() {
+        let text = MINIMAL.replace("port = 5433", "port = 5433\npool_size = 3");
+        let config = Config::parse(&text).unwrap();
+        let settings = config.pool_settings(&config.databases["appdb"], &config.users["app"]);
+        assert_eq!(settings.size, 3);
+    }
+}

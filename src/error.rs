@@ -1,0 +1,139 @@
+//! pgmux's error type, and the single place that decides what a client is told.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::protocol::backend::{self, Severity};
+
+/// Something that ended or failed a piece of work on behalf of a client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client's socket failed or was closed: there is nobody left to tell.
+    #[error("client connection lost: {0}")]
+    ClientIo(io::Error),
+    /// The client sent bytes that break the protocol.
+    #[error("protocol violation: {0}")]
+    ClientProtocol(String),
+    /// Authentication failed; the reason is logged, never shown to the client.
+    #[error("authentication failed for user \"{user}\": {reason}")]
+    Auth { user: String, reason: &'static str },
+    #[error("no such database: \"{0}\"")]
+    UnknownDatabase(String),
+    #[error("too many clients already (max_client_conn)")]
+    TooManyClients,
+    #[error("query_wait_timeout ({}) expired while waiting for a server connection", humantime::format_duration(*.0))]
+    PoolTimeout(Duration),
+    #[error("client idle in transaction longer than idle_transaction_timeout ({})", humantime::format_duration(*.0))]
+    IdleTransactionTimeout(Duration),
+    #[error("could not connect to server {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    /// The server refused pgmux's login; its own error fields are kept.
+    #[error("server login failed: {message}")]
+    ServerLogin { code: String, message: String },
+    /// The server's socket failed while in use.
+    #[error("server connection lost: {0}")]
+    ServerIo(io::Error),
+    /// The server sent something that breaks the protocol.
+    #[error("server protocol violation: {0}")]
+    ServerProtocol(String),
+    #[error("pgmux is shutting down")]
+    Shutdown,
+    #[error("the client was terminated by an administrator")]
+    Killed,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The SQLSTATE and message a client receives, or `None` when it cannot be told.
+    ///
+    /// Authentication failures all read the same whatever the cause, so a client cannot
+    /// learn which user names exist.
+    pub fn client_message(&self) -> Option<(Severity, &str, String)> {
+        use Error::*;
+        let fatal = |code, text: String| Some((Severity::Fatal, code, text));
+        match self {
+            ClientIo(_) => None,
+            ClientProtocol(m) => fatal("08P01", format!("protocol violation: {m}")),
+            Auth { user, .. } => fatal(
+                "28P01",
+                format!("password authentication failed for user \"{user}\""),
+            ),
+            UnknownDatabase(db) => fatal("3D000", format!("database \"{db}\" does not exist")),
+            TooManyClients => fatal("53300", "sorry, too many clients already".to_string()),
+            PoolTimeout(_) | IdleTransactionTimeout(_) | Shutdown | Killed => {
+                let code = match self {
+                    PoolTimeout(_) => "57014",
+                    IdleTransactionTimeout(_) => "25P03",
+                    _ => "57P01",
+                };
+                fatal(code, self.to_string())
+            }
+            Connect { .. } => fatal("08006", self.to_string()),
+            ServerLogin { code, message } => Some((
+                Severity::Fatal,
+                code.as_str(),
+                format!("server login failed: {message}"),
+            )),
+            ServerIo(_) => fatal("08006", "server connection lost".to_string()),
+            ServerProtocol(_) => fatal("08P01", self.to_string()),
+        }
+    }
+
+    /// Appends the client's ErrorResponse, if there is one to send, to `buf`.
+    pub fn write_response(&self, buf: &mut BytesMut) {
+        if let Some((severity, code, text)) = self.client_message() {
+            backend::error_response(buf, severity, code, &text);
+        }
+    }
+
+    /// A label for the `pgmux_errors_total` counter.
+    pub fn kind(&self) -> &'static str {
+        use Error::*;
+        match self {
+            ClientIo(_) => "client_io",
+            ClientProtocol(_) => "client_protocol",
+            Auth { .. } => "auth",
+            UnknownDatabase(_) => "unknown_database",
+            TooManyClients => "too_many_clients",
+            PoolTimeout(_) => "query_wait_timeout",
+            IdleTransactionTimeout(_) => "idle_transaction_timeout",
+            Connect { .. } => "server_connect",
+            ServerLogin { .. } => "server_login",
+            ServerIo(_) => "server_io",
+            ServerProtocol(_) => "server_protocol",
+            Shutdown => "shutdown",
+            Killed => "killed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_failures_read_the_same_for_every_reason() {
+        let a = Error::Auth {
+            user: "x".into(),
+            reason: "unknown user",
+        };
+        let b = Error::Auth {
+            user: "x".into(),
+            reason: "wrong password",
+        };
+        assert_eq!(a.client_message(), b.client_message());
+        assert_eq!(a.client_message().unwrap().1, "28P01");
+    }
+
+    #[test]
+    fn pool_timeout_names_the_setting() {
+        let (_, code, text) = Error::PoolTimeout(Duration::from_millis(500))
+            .client_message()
+            .unwrap();
+        assert_eq!(code, "57014");
+        assert!(text.contains("query_wait_timeout (500ms)"), "{text}");
+    }
+}

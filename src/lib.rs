@@ -1,0 +1,181 @@
+//! pgmux: a PostgreSQL connection pooler.
+//!
+//! A connection's path through the code: [`listen`] accepts it, [`client`] negotiates,
+//! authenticates ([`auth`]) and runs the session, [`pool`] lends it a [`server`]
+//! connection, and [`relay`] moves the bytes until the transaction ends.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod params;
+pub mod pool;
+pub mod protocol;
+pub mod random;
+pub mod relay;
+pub mod server;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use auth::Credentials;
+use config::Config;
+use error::{Error, Result};
+use pool::Pool;
+
+/// The database name reserved for pgmux's own console.
+pub const ADMIN_DATABASE: &str = "pgmux";
+
+/// Everything the connection tasks share.
+pub struct App {
+    pub config: Config,
+    users: HashMap<String, Credentials>,
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    cancels: Arc<cancel::Registry>,
+    clients: Arc<AtomicUsize>,
+    /// Cancelled when pgmux starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// A client's place under `max_client_conn`, given back on drop.
+pub struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<App> {
+        let users = config
+            .users
+            .iter()
+            .map(|(name, user)| (name.clone(), Credentials::new(&user.password)))
+            .collect();
+        Arc::new(App {
+            config,
+            users,
+            pools: Mutex::new(HashMap::new()),
+            cancels: Arc::new(cancel::Registry::default()),
+            clients: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Counts a client in, unless `max_client_conn` are connected already.
+    fn admit(&self) -> Option<Admission> {
+        let max = self.config.pgmux.max_client_conn;
+        self.clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission(Arc::clone(&self.clients)))
+    }
+
+    /// Connected clients.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// The pool for a (database, user) pair, created on first use.
+    fn pool(&self, database: &str, user: &str) -> Result<Arc<Pool>> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (database.to_string(), user.to_string());
+        if let Some(pool) = pools.get(&key) {
+            return Ok(Arc::clone(pool));
+        }
+        let db = self
+            .config
+            .databases
+            .get(database)
+            .ok_or_else(|| Error::UnknownDatabase(database.to_string()))?;
+        let user_config = self.config.users.get(user).ok_or_else(|| Error::Auth {
+            user: user.to_string(),
+            reason: "unknown user",
+        })?;
+        let target = server::Target {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.server_dbname(database).to_string(),
+            user: user.to_string(),
+            password: user_config.password.clone(),
+        };
+        let settings = self.config.pool_settings(db, user_config);
+        let pool = Pool::new(database, user, target, settings);
+        pools.insert(key, Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// Counts of one pool, if it exists.
+    pub fn pool_snapshot(&self, database: &str, user: &str) -> Option<pool::PoolSnapshot> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .get(&(database.to_string(), user.to_string()))
+            .map(|p| p.snapshot())
+    }
+}
+
+/// A running pgmux instance.
+pub struct Running {
+    /// The address clients connect to (useful when `listen` asked for port 0).
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    accept: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, ends idle clients, and waits up to `timeout` for the others.
+    pub async fn shutdown(self, timeout: Duration) {
+        self.app.shutdown.cancel();
+        let _ = self.accept.await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.app.client_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Binds the client listener and starts serving. Must run inside a tokio runtime.
+pub async fn start(config: Config) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(config.pgmux.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = App::new(config);
+    let accept = tokio::spawn(listen(listener, Arc::clone(&app)));
+    info!(listen = %addr, "pgmux is accepting clients");
+    Ok(Running { addr, app, accept })
+}
+
+/// Accepts clients until shutdown, one task each.
+async fn listen(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = app.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                tokio::spawn(client::handle(Arc::clone(&app), stream, addr));
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

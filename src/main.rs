@@ -1,0 +1,111 @@
+//! The pgmux command line.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use pgmux::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "pgmux", version, about = "A PostgreSQL connection pooler")]
+struct Args {
+    /// Path of the TOML configuration file.
+    #[arg(short = 'c', long = "config", default_value = "conf/pgmux.toml")]
+    config: PathBuf,
+    /// Validate the configuration, print what is wrong, and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter (e.g. `info`, `pgmux=debug`); overrides RUST_LOG.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("pgmux: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&args);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pgmux: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+fn init_logging(args: &Args) {
+    let filter = match &args.log_level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    if let Some(addr) = config.pgmux.metrics_listen {
+        if let Err(e) = pgmux::metrics::install(addr, config.pgmux.query_wait_timeout) {
+            eprintln!("pgmux: cannot serve metrics on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let shutdown_timeout = config.pgmux.shutdown_timeout;
+    let running = match pgmux::start(config).await {
+        Ok(running) => running,
+        Err(e) => {
+            eprintln!("pgmux: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_stop_signal().await;
+    info!("shutting down: no new clients; running transactions may finish");
+    tokio::select! {
+        _ = running.shutdown(shutdown_timeout) => {}
+        _ = wait_for_stop_signal() => warn!("second stop signal: exiting at once"),
+    }
+    info!("pgmux stopped");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

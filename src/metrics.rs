@@ -1,0 +1,102 @@
+//! Prometheus metrics: names, labels, and the exporter.
+//!
+//! Every pool registers its handles once at creation, so the hot path only bumps atomics.
+//! Metric names follow Prometheus conventions: base units, `_total` for counters.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub const POOL_WAIT: &str = "pgmux_pool_wait_seconds";
+
+/// Buckets for the pool wait histogram: from 100 µs up to beyond `query_wait_timeout`,
+/// so a timed-out wait still lands in a finite bucket.
+pub fn wait_buckets(query_wait_timeout: Duration) -> Vec<f64> {
+    let mut buckets = vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0, 120.0,
+    ];
+    let beyond = query_wait_timeout.as_secs_f64() * 1.5;
+    buckets.retain(|&b| b < beyond);
+    buckets.push(beyond.max(0.001));
+    buckets
+}
+
+/// Installs the global recorder and serves `/metrics` on `addr`.
+pub fn install(addr: SocketAddr, query_wait_timeout: Duration) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(POOL_WAIT.to_string()),
+            &wait_buckets(query_wait_timeout),
+        )
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| e.to_string())?;
+    gauge!("pgmux_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+/// Handles for one pool's series, labelled `database` and `user`.
+pub struct PoolMetrics {
+    pub wait: Histogram,
+    pub clients: Gauge,
+    pub clients_waiting: Gauge,
+    pub servers_active: Gauge,
+    pub servers_idle: Gauge,
+    pub servers_total: Gauge,
+    pub oldest_wait: Gauge,
+    pub transactions: Counter,
+    pub queries: Counter,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub servers_opened: Counter,
+    pub servers_closed: Counter,
+}
+
+impl PoolMetrics {
+    pub fn new(database: &str, user: &str) -> PoolMetrics {
+        let labels = [
+            ("database", database.to_string()),
+            ("user", user.to_string()),
+        ];
+        PoolMetrics {
+            wait: histogram!(POOL_WAIT, &labels),
+            clients: gauge!("pgmux_pool_clients", &labels),
+            clients_waiting: gauge!("pgmux_pool_clients_waiting", &labels),
+            servers_active: gauge!("pgmux_pool_servers_active", &labels),
+            servers_idle: gauge!("pgmux_pool_servers_idle", &labels),
+            servers_total: gauge!("pgmux_pool_servers", &labels),
+            oldest_wait: gauge!("pgmux_pool_oldest_wait_seconds", &labels),
+            transactions: counter!("pgmux_transactions_total", &labels),
+            queries: counter!("pgmux_queries_total", &labels),
+            bytes_received: counter!("pgmux_client_bytes_received_total", &labels),
+            bytes_sent: counter!("pgmux_client_bytes_sent_total", &labels),
+            servers_opened: counter!("pgmux_server_connections_opened_total", &labels),
+            servers_closed: counter!("pgmux_server_connections_closed_total", &labels),
+        }
+    }
+}
+
+/// Counts an error by kind (`pgmux_errors_total{kind=...}`).
+pub fn error(kind: &'static str) {
+    counter!("pgmux_errors_total", "kind" => kind).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_reach_past_the_timeout() {
+        let b = wait_buckets(Duration::from_secs(120));
+        assert_eq!(b[0], 0.0001);
+        assert_eq!(*b.last().unwrap(), 180.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+        let b = wait_buckets(Duration::from_millis(200));
+        assert_eq!(*b.last().unwrap(), 0.3);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+}

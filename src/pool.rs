@@ -1,0 +1,429 @@
+//! A pool of server connections for one (database, user) pair.
+//!
+//! The pool never holds more than `size` connections, counting those being opened.
+//! Clients that find none free wait in a FIFO queue; a released server goes straight to
+//! the longest waiter, so nobody is overtaken. Idle servers are kept as a stack: the most
+//! recently used one is handed out first, which leaves the rest idle long enough for
+//! `server_idle_timeout` to retire them when load drops.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::config::PoolSettings;
+use crate::error::{Error, Result};
+use crate::metrics::PoolMetrics;
+use crate::server::{Server, Target};
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A pool of servers for one (database, user).
+pub struct Pool {
+    pub database: String,
+    pub user: String,
+    target: Target,
+    state: Mutex<State>,
+    pub metrics: PoolMetrics,
+    /// ParameterStatus values of the first server that logged in: what new clients are
+    /// told before any server is attached to them.
+    reported: Mutex<Option<Arc<Vec<(String, String)>>>>,
+}
+
+struct State {
+    settings: PoolSettings,
+    idle: Vec<Server>,
+    waiters: VecDeque<Waiter>,
+    /// Servers that exist or are being opened, attached or idle.
+    open: usize,
+    /// Connected clients using this pool.
+    clients: usize,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Result<Server>>,
+    since: Instant,
+}
+
+impl Pool {
+    /// Creates a pool and starts its upkeep task.
+    pub fn new(database: &str, user: &str, target: Target, settings: PoolSettings) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            database: database.to_string(),
+            user: user.to_string(),
+            target,
+            state: Mutex::new(State {
+                settings,
+                idle: Vec::new(),
+                waiters: VecDeque::new(),
+                open: 0,
+                clients: 0,
+            }),
+            metrics: PoolMetrics::new(database, user),
+            reported: Mutex::new(None),
+        });
+        tokio::spawn(upkeep(Arc::downgrade(&pool)));
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves plain counters behind, which
+        // stay meaningful; carry on rather than take every client down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.lock().settings.clone()
+    }
+
+    /// Obtains a server: an idle one, a new one if below size, or the next one released.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Server> {
+        let start = Instant::now();
+        loop {
+            let next = {
+                let mut st = self.lock();
+                if let Some(server) = st.idle.pop() {
+                    Next::Idle(server)
+                } else if st.open < st.settings.size {
+                    st.open += 1;
+                    Next::Open
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.retain(|w| !w.tx.is_closed());
+                    st.waiters.push_back(Waiter { tx, since: start });
+                    self.refresh_gauges(&st);
+                    Next::Wait(rx, st.settings.query_wait_timeout)
+                }
+            };
+            let server = match next {
+                Next::Idle(server) => server,
+                Next::Open => match self.open_server().await {
+                    Ok(server) => server,
+                    Err(e) => {
+                        self.forget_one();
+                        return Err(e);
+                    }
+                },
+                Next::Wait(rx, timeout) => self.wait(rx, start, timeout).await?,
+            };
+            if let Some(server) = self.usable(server) {
+                self.metrics.wait.record(start.elapsed().as_secs_f64());
+                let st = self.lock();
+                self.refresh_gauges(&st);
+                return Ok(server);
+            }
+        }
+    }
+
+    async fn wait(
+        &self,
+        mut rx: oneshot::Receiver<Result<Server>>,
+        start: Instant,
+        timeout: Duration,
+    ) -> Result<Server> {
+        let remaining = timeout.saturating_sub(start.elapsed());
+        match tokio::time::timeout(remaining, &mut rx).await {
+            Ok(Ok(result)) => result,
+            // The pool dropped the waiter; only happens if the pool itself went away.
+            Ok(Err(_)) => Err(Error::PoolTimeout(timeout)),
+            Err(_) => {
+                rx.close();
+                // A server may have been handed over just as the timer fired.
+                match rx.try_recv() {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.metrics.wait.record(start.elapsed().as_secs_f64());
+                        Err(Error::PoolTimeout(timeout))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks a server just taken from the pool; closes it if it died while idle.
+    fn usable(self: &Arc<Self>, mut server: Server) -> Option<Server> {
+        if server.is_usable_now() {
+            return Some(server);
+        }
+        debug!(
+            server.id = server.id,
+            "idle server connection was closed by the server"
+        );
+        self.close(server);
+        None
+    }
+
+    async fn open_server(&self) -> Result<Server> {
+        let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.lock().settings.server_connect_timeout;
+        match Server::connect(&self.target, id, timeout).await {
+            Ok(server) => {
+                debug!(
+                    server.id = id,
+                    server.pid = server.cancel_key.process_id,
+                    "server connection opened"
+                );
+                self.metrics.servers_opened.increment(1);
+                let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+                if reported.is_none() {
+                    *reported = Some(Arc::new(server.reported.clone()));
+                }
+                Ok(server)
+            }
+            Err(e) => {
+                warn!(
+                    database = %self.database,
+                    user = %self.user,
+                    error = %e,
+                    "could not open a server connection"
+                );
+                crate::metrics::error(e.kind());
+                Err(e)
+            }
+        }
+    }
+
+    /// An opening failed: give the slot back, and pass the chance to a waiter.
+    fn forget_one(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.open -= 1;
+        self.refill_for_waiters(&mut st);
+        self.refresh_gauges(&st);
+    }
+
+    /// Returns a server after use. `clean` says the caller left it idle, outside any
+    /// transaction, with nothing unread; otherwise it is closed.
+    pub fn release(self: &Arc<Self>, mut server: Server, clean: bool) {
+        let mut st = self.lock();
+        let expired = !st.settings.server_lifetime.is_zero()
+            && server.created.elapsed() >= st.settings.server_lifetime;
+        if !clean
+            || server.broken
+            || !server.flow.is_empty()
+            || expired
+            || st.open > st.settings.size
+        {
+            drop(st);
+            self.close(server);
+            return;
+        }
+        server.last_used = Instant::now();
+        while let Some(waiter) = st.waiters.pop_front() {
+            match waiter.tx.send(Ok(server)) {
+                Ok(()) => {
+                    self.refresh_gauges(&st);
+                    return;
+                }
+                Err(Ok(returned)) => server = returned,
+                Err(Err(_)) => unreachable!("only servers are sent here"),
+            }
+        }
+        st.idle.push(server);
+        self.refresh_gauges(&st);
+    }
+
+    /// Closes a server for good and, if clients are waiting, opens a replacement.
+    pub fn close(self: &Arc<Self>, server: Server) {
+        debug!(server.id = server.id, "server connection closed");
+        self.metrics.servers_closed.increment(1);
+        drop(server);
+        let mut st = self.lock();
+        st.open -= 1;
+        self.refill_for_waiters(&mut st);
+        self.refresh_gauges(&st);
+    }
+
+    /// Opens a server in the background for the longest waiter, if there is room.
+    fn refill_for_waiters(self: &Arc<Self>, st: &mut State) {
+        st.waiters.retain(|w| !w.tx.is_closed());
+        if st.waiters.is_empty() || st.open >= st.settings.size {
+            return;
+        }
+        st.open += 1;
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            match pool.open_server().await {
+                Ok(server) => pool.release(server, true),
+                Err(e) => {
+                    let mut st = pool.lock();
+                    st.open -= 1;
+                    // Tell the longest waiter why instead of letting it time out.
+                    while let Some(waiter) = st.waiters.pop_front() {
+                        if waiter.tx.send(Err(clone_error(&e))).is_ok() {
+                            break;
+                        }
+                    }
+                    pool.refresh_gauges(&st);
+                }
+            }
+        });
+    }
+
+    /// The ParameterStatus values new clients are sent, opening a server if none has
+    /// logged in yet.
+    pub async fn reported_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>> {
+        if let Some(params) = self
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(params);
+        }
+        let server = self.checkout().await?;
+        self.release(server, true);
+        let params = self
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Ok(params.unwrap_or_default())
+    }
+
+    pub fn client_connected(&self) {
+        let mut st = self.lock();
+        st.clients += 1;
+        self.refresh_gauges(&st);
+    }
+
+    pub fn client_disconnected(&self) {
+        let mut st = self.lock();
+        st.clients -= 1;
+        self.refresh_gauges(&st);
+    }
+
+    fn refresh_gauges(&self, st: &State) {
+        let m = &self.metrics;
+        let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count();
+        m.clients.set(st.clients as f64);
+        m.clients_waiting.set(waiting as f64);
+        m.servers_idle.set(st.idle.len() as f64);
+        m.servers_total.set(st.open as f64);
+        m.servers_active.set((st.open - st.idle.len()) as f64);
+    }
+
+    /// Current counts, for tests and the admin console.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let st = self.lock();
+        PoolSnapshot {
+            open: st.open,
+            idle: st.idle.len(),
+            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            clients: st.clients,
+            oldest_wait: st
+                .waiters
+                .iter()
+                .find(|w| !w.tx.is_closed())
+                .map(|w| w.since.elapsed()),
+        }
+    }
+
+    /// One round of upkeep: retire idle or aged servers, keep `min_size` open.
+    async fn upkeep_once(self: &Arc<Self>) {
+        let (retired, missing) = {
+            let mut st = self.lock();
+            let s = st.settings.clone();
+            let mut retired = Vec::new();
+            let mut i = 0;
+            while i < st.idle.len() {
+                let server = &st.idle[i];
+                let idle_too_long = !s.server_idle_timeout.is_zero()
+                    && server.last_used.elapsed() >= s.server_idle_timeout
+                    && st.open - retired.len() > s.min_size;
+                let too_old =
+                    !s.server_lifetime.is_zero() && server.created.elapsed() >= s.server_lifetime;
+                if idle_too_long || too_old || st.open - retired.len() > s.size {
+                    retired.push(st.idle.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            let oldest = st.waiters.iter().find(|w| !w.tx.is_closed());
+            self.metrics
+                .oldest_wait
+                .set(oldest.map_or(0.0, |w| w.since.elapsed().as_secs_f64()));
+            let after = st.open - retired.len();
+            let missing = s.min_size.saturating_sub(after);
+            st.open += missing;
+            (retired, missing)
+        };
+        for server in retired {
+            self.close(server);
+        }
+        for _ in 0..missing {
+            match self.open_server().await {
+                Ok(server) => self.release(server, true),
+                Err(_) => {
+                    self.forget_one();
+                    break;
+                }
+            }
+        }
+        // Servers that died while idle are found here too, not only at checkout.
+        let dead: Vec<Server> = {
+            let mut st = self.lock();
+            let mut dead = Vec::new();
+            let mut i = 0;
+            while i < st.idle.len() {
+                if st.idle[i].is_usable_now() {
+                    i += 1;
+                } else {
+                    dead.push(st.idle.remove(i));
+                }
+            }
+            dead
+        };
+        for server in dead {
+            info!(server.id = server.id, database = %self.database, "idle server connection lost; replacing it");
+            self.close(server);
+        }
+    }
+}
+
+enum Next {
+    Idle(Server),
+    Open,
+    Wait(oneshot::Receiver<Result<Server>>, Duration),
+}
+
+/// Counts for observers.
+#[derive(Debug, Clone)]
+pub struct PoolSnapshot {
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+    pub clients: usize,
+    pub oldest_wait: Option<Duration>,
+}
+
+/// Errors are not `Clone` (they may hold an `io::Error`); a connect failure handed to a
+/// waiter only needs its text and code.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::ServerLogin { code, message } => Error::ServerLogin {
+            code: code.clone(),
+            message: message.clone(),
+        },
+        other => Error::Connect {
+            addr: String::new(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Runs upkeep until the pool is dropped.
+async fn upkeep(pool: Weak<Pool>) {
+    loop {
+        let interval = match pool.upgrade() {
+            Some(pool) => {
+                pool.upkeep_once().await;
+                pool.lock().settings.maintenance_interval
+            }
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+    }
+}

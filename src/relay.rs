@@ -1,0 +1,728 @@
+//! Moving bytes between an attached client and server, and knowing when to stop.
+//!
+//! Both directions are driven from one future, the way PostgreSQL's own clients must
+//! be: the client may keep sending (pipelining, COPY) while the server answers, so
+//! neither side's writes ever wait on the other's reads. Each direction is a [`Flow`]: a
+//! buffer whose front part is framed and ready to write out. Messages are forwarded
+//! byte-exact and in batches; only the few message types pgmux must read (ReadyForQuery,
+//! ParameterStatus, ErrorResponse, Query) are held until complete. Everything else,
+//! including huge DataRows and CopyData, streams through as it arrives, so results are
+//! never buffered whole.
+//!
+//! A transaction boundary is the server's ReadyForQuery `I` when the client has no Query,
+//! Sync or FunctionCall unanswered and has sent no extended-protocol message since its
+//! last Sync. Flush is never a boundary: a client that sent Parse/Describe/Flush is
+//! waiting on this very server for the rest of its batch.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use crate::error::{Error, Result};
+use crate::params::{ParamSet, ParamValue};
+use crate::protocol::{btag, header, tag, HEADER_LEN};
+use crate::server::Server;
+use crate::sql::{self, SessionEffect};
+
+/// Ready bytes a flow may hold before reading from its source pauses: the backpressure
+/// that keeps a client which stops reading from making pgmux buffer without bound.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// Read at least this much at a time.
+const MIN_READ: usize = 4 * 1024;
+
+/// Bytes flowing in one direction.
+#[derive(Debug, Default)]
+pub struct Flow {
+    pub buf: BytesMut,
+    /// Bytes at the front of `buf` that are framed and may be written out.
+    ready: usize,
+    /// Bytes of the current message that will pass through without inspection.
+    skip: usize,
+}
+
+/// A message at the framing point.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    tag: u8,
+    len: usize,
+    /// The whole message is in the buffer.
+    whole: bool,
+}
+
+impl Flow {
+    pub fn with_capacity(capacity: usize) -> Flow {
+        Flow {
+            buf: BytesMut::with_capacity(capacity),
+            ready: 0,
+            skip: 0,
+        }
+    }
+
+    /// No bytes held at all, framed or not.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.skip == 0
+    }
+
+    /// Framed bytes waiting to be written.
+    pub fn ready(&self) -> &[u8] {
+        &self.buf[..self.ready]
+    }
+
+    /// Unframed bytes: the start of a message not yet complete or not yet looked at.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.ready..]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.ready -= n;
+    }
+
+    /// Appends bytes pgmux made itself, ready to write out.
+    pub fn push_ready(&mut self, bytes: &[u8]) {
+        debug_assert_eq!(self.ready, self.buf.len(), "only between messages");
+        self.buf.extend_from_slice(bytes);
+        self.ready = self.buf.len();
+    }
+
+    fn wants_read(&self) -> bool {
+        self.ready < HIGH_WATER
+    }
+
+    /// The next message to decide on, if its header (or, for `whole` tags, all of it) is
+    /// here. Bytes of a message already being streamed are passed first.
+    fn peek(&mut self, max: usize, whole: impl Fn(u8) -> bool) -> Result<Option<Frame>, String> {
+        if self.skip > 0 {
+            let n = self.skip.min(self.buf.len() - self.ready);
+            self.ready += n;
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
+        let rest = &self.buf[self.ready..];
+        let (tag, len) = match header(rest) {
+            None => return Ok(None),
+            Some(Err(len)) => return Err(format!("invalid message length {len}")),
+            Some(Ok(h)) => h,
+        };
+        if len > max {
+            return Err(format!(
+                "message of {len} bytes exceeds max_message_size ({max})"
+            ));
+        }
+        if !whole(tag) {
+            return Ok(Some(Frame {
+                tag,
+                len,
+                whole: false,
+            }));
+        }
+        if rest.len() < len {
+            let missing = len - rest.len();
+            self.buf.reserve(missing);
+            return Ok(None);
+        }
+        Ok(Some(Frame {
+            tag,
+            len,
+            whole: true,
+        }))
+    }
+
+    /// The body of a whole message at the framing point.
+    fn body(&self, frame: Frame) -> &[u8] {
+        &self.buf[self.ready + HEADER_LEN..self.ready + frame.len]
+    }
+
+    /// Marks the message at the framing point as ready to write out.
+    fn accept(&mut self, frame: Frame) {
+        let here = (self.buf.len() - self.ready).min(frame.len);
+        self.ready += here;
+        self.skip = frame.len - here;
+    }
+
+    fn reserve_for_read(&mut self) {
+        if self.buf.capacity() - self.buf.len() < MIN_READ {
+            self.buf.reserve(MIN_READ);
+        }
+    }
+
+    /// Gives memory back after a burst, so idle clients stay small.
+    pub fn shrink_if_idle(&mut self, keep: usize) {
+        if self.buf.is_empty() && self.buf.capacity() > keep {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+/// What a client has asked of its server that is not answered yet.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// ReadyForQuery messages still owed for Query, Sync and FunctionCall messages sent.
+    pending: u32,
+    /// Extended-protocol messages were sent since the last Sync.
+    unsynced: bool,
+    /// Status byte of the last ReadyForQuery.
+    status: u8,
+    /// The server reported an error since the last ReadyForQuery.
+    failed: bool,
+    /// A COPY FROM STDIN is in progress: the server waits for the client's data.
+    copy_in: bool,
+    /// Count of ReadyForQuery messages owed in total, and received in total.
+    owed_seq: u64,
+    seen_seq: u64,
+    /// Session-parameter changes taking effect when their ReadyForQuery arrives cleanly.
+    effects: VecDeque<(u64, SessionEffect)>,
+}
+
+impl Tracker {
+    /// No request outstanding and no extended batch half sent.
+    pub fn quiet(&self) -> bool {
+        self.pending == 0 && !self.unsynced
+    }
+
+    /// Last transaction status reported: `I` idle, `T` in a transaction, `E` failed one.
+    pub fn status(&self) -> u8 {
+        if self.status == 0 {
+            b'I'
+        } else {
+            self.status
+        }
+    }
+
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// Whether the attached server is at a point where it may be given to someone else.
+    pub fn at_boundary(&self) -> bool {
+        self.quiet() && self.status() == b'I'
+    }
+}
+
+/// Why a relay stopped without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Transaction boundary reached; the server may be released.
+    Boundary,
+    /// The client sent Terminate.
+    Terminate,
+    /// The client closed its socket.
+    ClientClosed,
+}
+
+/// Limits and per-pool counters the relay needs.
+pub struct Limits<'a> {
+    pub max_message_size: usize,
+    /// Stop at transaction boundaries (transaction mode) or not (session mode).
+    pub stop_at_boundary: bool,
+    pub idle_transaction_timeout: Duration,
+    pub query_timeout: Duration,
+    pub metrics: &'a crate::metrics::PoolMetrics,
+}
+
+/// The client end of a relay.
+pub struct ClientEnd<'a, S> {
+    pub stream: &'a mut S,
+    pub flow: &'a mut Flow,
+    pub params: &'a mut std::sync::Arc<ParamSet>,
+    /// ParameterStatus values the client has been told, by name.
+    pub reported: &'a mut Vec<(String, String)>,
+}
+
+/// Things the relay wants done by the caller while it keeps running.
+pub trait Hooks {
+    /// The query on the server ran past query_timeout; the caller cancels it.
+    fn query_timed_out(&mut self, server: &Server);
+}
+
+/// Runs until a transaction boundary (when asked), a Terminate, or an error. Messages the
+/// client had already sent before the call are in `client.flow` and are framed first.
+pub async fn run<S, H>(
+    client: ClientEnd<'_, S>,
+    server: &mut Server,
+    tracker: &mut Tracker,
+    limits: &Limits<'_>,
+    hooks: &mut H,
+) -> Result<End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Hooks,
+{
+    let mut relay = Relay {
+        client,
+        server,
+        tracker,
+        limits,
+        client_eof: false,
+        terminate: false,
+        boundary: false,
+        timer: None,
+        timer_kind: TimerKind::None,
+    };
+    relay.frame_client()?;
+    poll_fn(|cx| relay.poll(cx, hooks)).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    None,
+    Idle,
+    Query,
+}
+
+struct Relay<'r, 'a, S> {
+    client: ClientEnd<'a, S>,
+    server: &'r mut Server,
+    tracker: &'r mut Tracker,
+    limits: &'r Limits<'a>,
+    client_eof: bool,
+    terminate: bool,
+    boundary: bool,
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_kind: TimerKind,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
+    fn poll<H: Hooks>(&mut self, cx: &mut Context<'_>, hooks: &mut H) -> Poll<Result<End>> {
+        loop {
+            let mut progress = false;
+
+            progress |= self.write_to_client(cx)?;
+            if self.server.flow.ready().is_empty() {
+                if self.boundary {
+                    return Poll::Ready(Ok(End::Boundary));
+                }
+                if self.terminate && self.tracker.quiet() {
+                    return Poll::Ready(Ok(End::Terminate));
+                }
+            }
+            progress |= self.write_to_server(cx)?;
+
+            if !self.client_eof && !self.terminate && self.client.flow.wants_read() {
+                progress |= self.read_client(cx)?;
+            }
+            if self.client_eof && self.server.flow.ready().is_empty() {
+                return Poll::Ready(Ok(End::ClientClosed));
+            }
+            if !self.boundary && self.server.flow.wants_read() {
+                progress |= self.read_server(cx)?;
+            }
+
+            if !progress {
+                return self.poll_timer(cx, hooks);
+            }
+        }
+    }
+
+    fn write_to_client(&mut self, cx: &mut Context<'_>) -> Result<bool> {
+        let ready = self.server.flow.ready();
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        match Pin::new(&mut *self.client.stream).poll_write(cx, ready) {
+            Poll::Ready(Ok(0)) => Err(Error::ClientIo(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.server.flow.consume(n);
+                if self.server.flow.ready().is_empty() {
+                    flush(&mut *self.client.stream, cx).map_err(Error::ClientIo)?;
+                }
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(Error::ClientIo(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn write_to_server(&mut self, cx: &mut Context<'_>) -> Result<bool> {
+        let ready = self.client.flow.ready();
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        match Pin::new(&mut self.server.stream).poll_write(cx, ready) {
+            Poll::Ready(Ok(0)) => Err(self.server_failed(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.client.flow.consume(n);
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(self.server_failed(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn read_client(&mut self, cx: &mut Context<'_>) -> Result<bool> {
+        self.client.flow.reserve_for_read();
+        match poll_read_buf(
+            Pin::new(&mut *self.client.stream),
+            cx,
+            &mut self.client.flow.buf,
+        ) {
+            Poll::Ready(Ok(0)) => {
+                self.client_eof = true;
+                Ok(true)
+            }
+            Poll::Ready(Ok(n)) => {
+                self.limits.metrics.bytes_received.increment(n as u64);
+                self.frame_client()?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(Error::ClientIo(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn read_server(&mut self, cx: &mut Context<'_>) -> Result<bool> {
+        self.server.flow.reserve_for_read();
+        match poll_read_buf(
+            Pin::new(&mut self.server.stream),
+            cx,
+            &mut self.server.flow.buf,
+        ) {
+            Poll::Ready(Ok(0)) => Err(self.server_failed(io::ErrorKind::UnexpectedEof.into())),
+            Poll::Ready(Ok(n)) => {
+                self.limits.metrics.bytes_sent.increment(n as u64);
+                self.frame_server()?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(self.server_failed(e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn server_failed(&mut self, e: io::Error) -> Error {
+        self.server.broken = true;
+        Error::ServerIo(e)
+    }
+
+    /// Frames client messages, updating what is owed by the server.
+    fn frame_client(&mut self) -> Result<()> {
+        let max = self.limits.max_message_size;
+        let t = &mut *self.tracker;
+        while let Some(frame) = self
+            .client
+            .flow
+            .peek(max, |tag| tag == tag::QUERY)
+            .map_err(Error::ClientProtocol)?
+        {
+            match frame.tag {
+                tag::QUERY => {
+                    t.pending += 1;
+                    t.owed_seq += 1;
+                    let text = self.client.flow.body(frame);
+                    let text = text.strip_suffix(b"\0").unwrap_or(text);
+                    // Only SET/RESET/DISCARD concern pgmux; skip the scan for anything else.
+                    if starts_like_session_statement(text) {
+                        if let Ok(text) = std::str::from_utf8(text) {
+                            let effect = sql::session_effect(text);
+                            if effect != SessionEffect::None {
+                                t.effects.push_back((t.owed_seq, effect));
+                            }
+                        }
+                    }
+                }
+                tag::SYNC | tag::FUNCTION_CALL => {
+                    t.pending += 1;
+                    t.owed_seq += 1;
+                    if frame.tag == tag::SYNC {
+                        t.unsynced = false;
+                    }
+                }
+                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                    t.unsynced = true
+                }
+                tag::COPY_DATA => {}
+                tag::COPY_DONE | tag::COPY_FAIL => t.copy_in = false,
+                tag::TERMINATE => {
+                    // Not forwarded: the server stays with the pool.
+                    self.terminate = true;
+                    return Ok(());
+                }
+                other => {
+                    return Err(Error::ClientProtocol(format!(
+                        "unexpected message type {:?}",
+                        other as char
+                    )))
+                }
+            }
+            let _ = frame.whole;
+            self.client.flow.accept(frame);
+        }
+        Ok(())
+    }
+
+    /// Frames server messages, noting ReadyForQuery, ParameterStatus and errors.
+    fn frame_server(&mut self) -> Result<()> {
+        let whole = |tag| {
+            matches!(
+                tag,
+                btag::READY_FOR_QUERY
+                    | btag::PARAMETER_STATUS
+                    | btag::ERROR_RESPONSE
+                    | btag::AUTHENTICATION
+                    | btag::BACKEND_KEY_DATA
+            )
+        };
+        while !self.boundary {
+            let frame = match self.server.flow.peek(usize::MAX, whole) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.server.broken = true;
+                    return Err(Error::ServerProtocol(e));
+                }
+            };
+            match frame.tag {
+                btag::READY_FOR_QUERY => self.ready_for_query(frame)?,
+                btag::PARAMETER_STATUS => self.parameter_status(frame),
+                btag::ERROR_RESPONSE => {
+                    self.tracker.failed = true;
+                    self.tracker.copy_in = false;
+                    if is_fatal(self.server.flow.body(frame)) {
+                        self.server.broken = true;
+                    }
+                }
+                btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => self.tracker.copy_in = true,
+                btag::AUTHENTICATION | btag::BACKEND_KEY_DATA => {
+                    self.server.broken = true;
+                    return Err(Error::ServerProtocol(format!(
+                        "unexpected message type {:?} after login",
+                        frame.tag as char
+                    )));
+                }
+                _ => {}
+            }
+            self.server.flow.accept(frame);
+        }
+        Ok(())
+    }
+
+    fn ready_for_query(&mut self, frame: Frame) -> Result<()> {
+        let status = self.server.flow.body(frame).first().copied().unwrap_or(0);
+        let t = &mut *self.tracker;
+        if t.pending == 0 || !matches!(status, b'I' | b'T' | b'E') {
+            self.server.broken = true;
+            return Err(Error::ServerProtocol(
+                "ReadyForQuery that nobody asked for".into(),
+            ));
+        }
+        t.pending -= 1;
+        t.seen_seq += 1;
+        t.status = status;
+        t.copy_in = false;
+        while t.effects.front().is_some_and(|(seq, _)| *seq <= t.seen_seq) {
+            let (seq, effect) = t.effects.pop_front().expect("checked");
+            if seq == t.seen_seq && !t.failed {
+                apply_effect(std::sync::Arc::make_mut(self.client.params), effect);
+            }
+        }
+        t.failed = false;
+
+        let m = self.limits.metrics;
+        m.queries.increment(1);
+        if status == b'I' {
+            m.transactions.increment(1);
+        }
+        if self.limits.stop_at_boundary && t.at_boundary() && !self.terminate {
+            self.boundary = true;
+        }
+        Ok(())
+    }
+
+    fn parameter_status(&mut self, frame: Frame) {
+        let body = self.server.flow.body(frame);
+        let Some((name, rest)) = crate::protocol::cstr(body) else {
+            return;
+        };
+        let Some((value, _)) = crate::protocol::cstr(rest) else {
+            return;
+        };
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            return;
+        };
+        remember_reported(self.client.reported, name, value);
+        let value = ParamValue::Value(value.to_string());
+        if crate::params::valid_name(name)
+            && !crate::params::is_read_only(name)
+            && self.client.params.get(&name.to_ascii_lowercase()) != Some(&value)
+        {
+            std::sync::Arc::make_mut(self.client.params).set(name, value);
+        }
+    }
+
+    /// Arms, fires or disarms the idle-in-transaction and query timers.
+    fn poll_timer<H: Hooks>(&mut self, cx: &mut Context<'_>, hooks: &mut H) -> Poll<Result<End>> {
+        let t = &*self.tracker;
+        let (kind, limit) = if t.pending > 0 && !self.limits.query_timeout.is_zero() {
+            (TimerKind::Query, self.limits.query_timeout)
+        } else if t.pending == 0
+            && t.status() != b'I'
+            && !self.limits.idle_transaction_timeout.is_zero()
+        {
+            (TimerKind::Idle, self.limits.idle_transaction_timeout)
+        } else {
+            (TimerKind::None, Duration::ZERO)
+        };
+        if kind != self.timer_kind {
+            self.timer_kind = kind;
+            self.timer = (kind != TimerKind::None)
+                .then(|| Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.timer = None;
+        match kind {
+            TimerKind::Idle => Poll::Ready(Err(Error::IdleTransactionTimeout(limit))),
+            TimerKind::Query => {
+                hooks.query_timed_out(self.server);
+                // Fires once per wait; the server answers the cancel with an error.
+                self.timer_kind = TimerKind::Query;
+                Poll::Pending
+            }
+            TimerKind::None => Poll::Pending,
+        }
+    }
+}
+
+fn flush<S: AsyncWrite + Unpin>(stream: &mut S, cx: &mut Context<'_>) -> io::Result<()> {
+    match Pin::new(stream).poll_flush(cx) {
+        Poll::Ready(result) => result,
+        // A buffering stream will finish on a later poll; nothing is lost.
+        Poll::Pending => Ok(()),
+    }
+}
+
+/// Cheap pre-check before looking for SET, RESET or DISCARD in a query.
+fn starts_like_session_statement(text: &[u8]) -> bool {
+    let first = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| &text[i..])
+        .unwrap_or_default();
+    let lower = |n: usize| first.get(..n).map(|p| p.to_ascii_lowercase());
+    first.starts_with(b"/*")
+        || first.starts_with(b"--")
+        || lower(3).as_deref() == Some(b"set")
+        || lower(5).as_deref() == Some(b"reset")
+        || lower(7).as_deref() == Some(b"discard")
+}
+
+fn apply_effect(params: &mut ParamSet, effect: SessionEffect) {
+    match effect {
+        SessionEffect::None => {}
+        SessionEffect::Set { key, statement } => {
+            params.set(&key, ParamValue::Statement(statement));
+        }
+        SessionEffect::Reset { key } => params.remove(&key),
+        SessionEffect::ResetAll => params.clear(),
+    }
+}
+
+/// Records a ParameterStatus value the client has been sent.
+pub fn remember_reported(reported: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match reported.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) if v == value => {}
+        Some((_, v)) => *v = value.to_string(),
+        None => reported.push((name.to_string(), value.to_string())),
+    }
+}
+
+/// Whether an ErrorResponse body has severity FATAL or PANIC.
+fn is_fatal(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, after)) = crate::protocol::cstr(after) else {
+            break;
+        };
+        if field == b'V' || field == b'S' {
+            return value == b"FATAL" || value == b"PANIC";
+        }
+        rest = after;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn whole_messages_wait_for_their_last_byte() {
+        let mut flow = Flow::default();
+        let m = msg(b'Q', b"SELECT 1\0");
+        flow.buf.extend_from_slice(&m[..7]);
+        assert!(flow.peek(1 << 20, |_| true).unwrap().is_none());
+        flow.buf.extend_from_slice(&m[7..]);
+        let frame = flow.peek(1 << 20, |_| true).unwrap().unwrap();
+        assert!(frame.whole);
+        assert_eq!(flow.body(frame), b"SELECT 1\0");
+        flow.accept(frame);
+        assert_eq!(flow.ready(), &m[..]);
+    }
+
+    #[test]
+    fn streamed_messages_pass_in_pieces() {
+        let mut flow = Flow::default();
+        let m = msg(b'D', &[7u8; 100]);
+        flow.buf.extend_from_slice(&m[..10]);
+        let frame = flow.peek(1 << 20, |_| false).unwrap().unwrap();
+        assert!(!frame.whole);
+        flow.accept(frame);
+        assert_eq!(flow.ready().len(), 10);
+        flow.consume(10);
+        flow.buf.extend_from_slice(&m[10..]);
+        flow.buf.extend_from_slice(&msg(b'Z', b"I"));
+        let next = flow.peek(1 << 20, |_| false).unwrap().unwrap();
+        assert_eq!(next.tag, b'Z');
+        assert_eq!(flow.ready().len(), m.len() - 10);
+    }
+
+    #[test]
+    fn bad_lengths_are_refused_before_allocation() {
+        let mut flow = Flow::default();
+        flow.buf.extend_from_slice(&[b'Q', 0, 0, 0, 2]);
+        assert!(flow.peek(1 << 20, |_| true).is_err());
+        let mut flow = Flow::default();
+        flow.buf.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
+        assert!(flow.peek(1 << 20, |_| true).is_err());
+        assert!(flow.buf.capacity() < 1 << 20);
+    }
+
+    #[test]
+    fn fatal_errors_are_recognised() {
+        assert!(is_fatal(b"SFATAL\0VFATAL\0C57P01\0Mbye\0\0"));
+        assert!(!is_fatal(b"SERROR\0VERROR\0C42601\0Moops\0\0"));
+        assert!(!is_fatal(b""));
+    }
+
+    #[test]
+    fn session_statement_precheck() {
+        assert!(starts_like_session_statement(b"  SET x = 1"));
+        assert!(starts_like_session_statement(b"discard all"));
+        assert!(!starts_like_session_statement(b"SELECT 1"));
+        assert!(!starts_like_session_statement(b""));
+    }
+}

@@ -1,0 +1,306 @@
+//! A connection from pgmux to a PostgreSQL server: login, and the few queries pgmux
+//! runs on it by itself (parameter sync, rollback, reset). Client traffic flows through
+//! [`crate::relay`], which borrows the socket and the read buffer.
+
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend::Message, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::error::{Error, Result};
+use crate::params::{ParamSet, SharedParams};
+
+/// Where a pool's servers live and who pgmux logs in as.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Target {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Server buffers start here and grow with the largest message seen.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The key a CancelRequest for this server's backend needs.
+#[derive(Debug, Clone)]
+pub struct CancelKey {
+    pub addr: Arc<str>,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// A logged-in server connection.
+pub struct Server {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet delivered; see [`crate::relay::Flow`].
+    pub flow: crate::relay::Flow,
+    pub cancel_key: CancelKey,
+    /// Session parameters as last applied to this connection.
+    pub params: SharedParams,
+    /// ParameterStatus values reported at login: the server's defaults.
+    pub reported: Vec<(String, String)>,
+    pub id: u64,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Set when the connection can no longer be trusted (FATAL seen, I/O failure).
+    pub broken: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.id)
+            .field("backend_pid", &self.cancel_key.process_id)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Opens a connection and logs in, within `timeout`.
+    pub async fn connect(target: &Target, id: u64, timeout: Duration) -> Result<Server> {
+        let addr = target.addr();
+        match tokio::time::timeout(timeout, Server::connect_inner(target, id, &addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Connect {
+                addr,
+                reason: format!(
+                    "server_connect_timeout ({}) expired",
+                    humantime::format_duration(timeout)
+                ),
+            }),
+        }
+    }
+
+    async fn connect_inner(target: &Target, id: u64, addr: &str) -> Result<Server> {
+        let connect_error = |e: io::Error| Error::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let mut stream = TcpStream::connect(addr).await.map_err(connect_error)?;
+        stream.set_nodelay(true).map_err(connect_error)?;
+
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", target.user.as_str()),
+                ("database", target.dbname.as_str()),
+            ],
+            &mut out,
+        )
+        .map_err(connect_error)?;
+        stream.write_all(&out).await.map_err(connect_error)?;
+
+        let mut server = Server {
+            stream,
+            flow: crate::relay::Flow::with_capacity(READ_CHUNK),
+            cancel_key: CancelKey {
+                addr: Arc::from(addr),
+                process_id: 0,
+                secret_key: 0,
+            },
+            params: Arc::new(ParamSet::default()),
+            reported: Vec::new(),
+            id,
+            created: Instant::now(),
+            last_used: Instant::now(),
+            broken: false,
+        };
+        server.login(target).await?;
+        Ok(server)
+    }
+
+    /// Reads the next backend message during login or a pgmux-issued query.
+    async fn next_message(&mut self) -> Result<Message> {
+        loop {
+            match Message::parse(&mut self.flow.buf) {
+                Ok(Some(message)) => return Ok(message),
+                Ok(None) => {}
+                Err(e) => return Err(Error::ServerProtocol(e.to_string())),
+            }
+            self.flow.buf.reserve(READ_CHUNK);
+            let n = self
+                .stream
+                .read_buf(&mut self.flow.buf)
+                .await
+                .map_err(Error::ServerIo)?;
+            if n == 0 {
+                return Err(Error::ServerIo(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    async fn send(&mut self, out: &mut BytesMut) -> Result<()> {
+        self.stream.write_all(out).await.map_err(Error::ServerIo)?;
+        out.clear();
+        Ok(())
+    }
+
+    async fn login(&mut self, target: &Target) -> Result<()> {
+        let mut out = BytesMut::new();
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.next_message().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(target.password.as_bytes(), &mut out)
+                        .map_err(Error::ServerIo)?;
+                    self.send(&mut out).await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        target.user.as_bytes(),
+                        target.password.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(Error::ServerIo)?;
+                    self.send(&mut out).await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut offered = false;
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| Error::ServerProtocol(e.to_string()))?
+                    {
+                        offered |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !offered {
+                        return Err(Error::ServerProtocol(
+                            "server offered no SASL mechanism pgmux supports".into(),
+                        ));
+                    }
+                    let client =
+                        ScramSha256::new(target.password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        client.message(),
+                        &mut out,
+                    )
+                    .map_err(Error::ServerIo)?;
+                    self.send(&mut out).await?;
+                    scram = Some(client);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| Error::ServerProtocol("SASLContinue without SASL".into()))?;
+                    client
+                        .update(body.data())
+                        .map_err(|e| Error::ServerProtocol(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(client.message(), &mut out).map_err(Error::ServerIo)?;
+                    self.send(&mut out).await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| Error::ServerProtocol("SASLFinal without SASL".into()))?;
+                    client.finish(body.data()).map_err(|e| {
+                        Error::ServerProtocol(format!("server's SCRAM signature is invalid: {e}"))
+                    })?;
+                }
+                Message::ParameterStatus(body) => {
+                    let name = body.name().map_err(Error::ServerIo)?;
+                    let value = body.value().map_err(Error::ServerIo)?;
+                    self.reported.push((name.to_string(), value.to_string()));
+                }
+                Message::BackendKeyData(body) => {
+                    self.cancel_key.process_id = body.process_id();
+                    self.cancel_key.secret_key = body.secret_key();
+                }
+                Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => {
+                    let (code, message) = error_fields(&body);
+                    return Err(Error::ServerLogin { code, message });
+                }
+                _ => {
+                    return Err(Error::ServerProtocol(
+                        "unexpected message during login".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Runs `sql` as a simple query, discarding its results. Returns the server's error
+    /// message if the query failed, and the ParameterStatus messages it caused.
+    pub async fn run_quietly(&mut self, sql: &str) -> Result<QuietOutcome> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(Error::ServerIo)?;
+        self.send(&mut out).await?;
+        let mut outcome = QuietOutcome::default();
+        loop {
+            match self.next_message().await? {
+                Message::ReadyForQuery(body) => {
+                    outcome.status = body.status();
+                    return Ok(outcome);
+                }
+                Message::ErrorResponse(body) => outcome.error = Some(error_fields(&body)),
+                Message::ParameterStatus(body) => outcome.reported.push((
+                    body.name().map_err(Error::ServerIo)?.to_string(),
+                    body.value().map_err(Error::ServerIo)?.to_string(),
+                )),
+                Message::CopyInResponse(_) => {
+                    frontend::copy_fail("pgmux does not feed COPY", &mut out)
+                        .map_err(Error::ServerIo)?;
+                    self.send(&mut out).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the idle connection is still usable right now, without waiting: a server
+    /// that closed, or sent anything while nobody asked, is not.
+    pub fn is_usable_now(&mut self) -> bool {
+        if self.broken || !self.flow.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+}
+
+/// What [`Server::run_quietly`] saw.
+#[derive(Debug, Default)]
+pub struct QuietOutcome {
+    pub status: u8,
+    pub error: Option<(String, String)>,
+    pub reported: Vec<(String, String)>,
+}
+
+/// SQLSTATE and message of a server ErrorResponse.
+fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -> (String, String) {
+    let mut code = String::from("08006");
+    let mut message = String::from("server error");
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        match field.type_() {
+            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    (code, message)
+}

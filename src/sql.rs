@@ -1,0 +1,245 @@
+//! A small SQL scanner for the few statements pgmux must understand: the session-level
+//! `SET`, `RESET` and `DISCARD` that change what a client expects of every later server.
+//!
+//! It reads words, not grammar. Only a query holding exactly one statement is classified;
+//! a multi-statement query string is reported as [`SessionEffect::None`], so a `SET` buried
+//! in one is not replayed on later servers (README, "Transaction pooling caveats").
+
+/// What one simple-query string does to session state that pgmux replays.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEffect {
+    None,
+    /// A session-level assignment; `statement` replays it verbatim.
+    Set {
+        key: String,
+        statement: String,
+    },
+    Reset {
+        key: String,
+    },
+    /// `RESET ALL` or `DISCARD ALL`: every parameter returns to the server default.
+    ResetAll,
+}
+
+/// Splits SQL into lower-cased words and punctuation, skipping whitespace and comments.
+/// Returns `None` if the text holds more than one statement.
+fn single_statement_words(sql: &str) -> Option<(Vec<String>, &str)> {
+    let bytes = sql.as_bytes();
+    let mut words = Vec::new();
+    let mut i = 0;
+    let mut end = sql.len();
+    let mut ended = false;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if bytes[i..].starts_with(b"--") {
+            while i < bytes.len() && bytes[i] != b'\n' {
+                i += 1;
+            }
+        } else if bytes[i..].starts_with(b"/*") {
+            let mut depth = 0usize;
+            while i < bytes.len() {
+                if bytes[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if bytes[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if c == b';' {
+            if !ended {
+                end = i;
+            }
+            ended = true;
+            i += 1;
+        } else if ended {
+            return None;
+        } else if c == b'\'' || c == b'"' {
+            let start = i;
+            i += 1;
+            while i < bytes.len() {
+                if bytes[i] == c {
+                    if bytes.get(i + 1) == Some(&c) {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+            i = (i + 1).min(bytes.len());
+            words.push(sql[start..i].to_string());
+        } else if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
+            let start = i;
+            while i < bytes.len()
+                && (bytes[i].is_ascii_alphanumeric()
+                    || matches!(bytes[i], b'_' | b'.' | b'$')
+                    || bytes[i] >= 0x80)
+            {
+                i += 1;
+            }
+            words.push(sql[start..i].to_ascii_lowercase());
+        } else {
+            words.push((c as char).to_string());
+            i += 1;
+        }
+    }
+    Some((words, sql[..end].trim()))
+}
+
+/// Classifies a simple-query string.
+pub fn session_effect(sql: &str) -> SessionEffect {
+    let Some((words, statement)) = single_statement_words(sql) else {
+        return SessionEffect::None;
+    };
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let key = |k: &str| k.trim_matches('"').to_ascii_lowercase();
+    match w.as_slice() {
+        ["discard", "all"] | ["reset", "all"] => SessionEffect::ResetAll,
+        ["reset", "role"] => SessionEffect::Reset { key: "role".into() },
+        ["reset", "session", "authorization"] => SessionEffect::Reset {
+            key: "session_authorization".into(),
+        },
+        ["reset", "time", "zone"] => SessionEffect::Reset {
+            key: "timezone".into(),
+        },
+        ["reset", name] => SessionEffect::Reset { key: key(name) },
+        ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => {
+            SessionEffect::None
+        }
+        ["set", rest @ ..] => {
+            let rest = match rest {
+                ["session", "authorization", ..] => return set("session_authorization", statement),
+                ["session", "characteristics", ..] => {
+                    return set("session_characteristics", statement)
+                }
+                ["session", rest @ ..] => rest,
+                rest => rest,
+            };
+            match rest {
+                ["role", ..] => set("role", statement),
+                ["time", "zone", ..] => set("timezone", statement),
+                ["schema", ..] => set("search_path", statement),
+                ["names", ..] => set("client_encoding", statement),
+                ["xml", "option", ..] => set("xmloption", statement),
+                [name, "=" | "to", _, ..] => set(&key(name), statement),
+                _ => SessionEffect::None,
+            }
+        }
+        _ => SessionEffect::None,
+    }
+}
+
+fn set(key: &str, statement: &str) -> SessionEffect {
+    SessionEffect::Set {
+        key: key.to_string(),
+        statement: statement.to_string(),
+    }
+}
+
+/// Quotes `s` as an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    if s.contains('\\') {
+        out.push('E');
+    }
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_key(sql: &str) -> Option<String> {
+        match session_effect(sql) {
+            SessionEffect::Set { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn recognises_session_assignments() {
+        assert_eq!(
+            set_key("SET search_path = a, b"),
+            Some("search_path".into())
+        );
+        assert_eq!(
+            set_key("  set SESSION statement_timeout TO 5000;"),
+            Some("statement_timeout".into())
+        );
+        assert_eq!(
+            set_key("/* c */ SET TIME ZONE 'UTC'"),
+            Some("timezone".into())
+        );
+        assert_eq!(set_key("SET \"TimeZone\" = 'UTC'"), Some("timezone".into()));
+        assert_eq!(set_key("SET ROLE admin"), Some("role".into()));
+        assert_eq!(set_key("SET myext.knob = 1"), Some("myext.knob".into()));
+        assert_eq!(
+            set_key("SET SESSION AUTHORIZATION bob"),
+            Some("session_authorization".into())
+        );
+    }
+
+    #[test]
+    fn keeps_the_statement_for_replay() {
+        assert_eq!(
+            session_effect("SET search_path = a, b ; -- trailing"),
+            SessionEffect::Set {
+                key: "search_path".into(),
+                statement: "SET search_path = a, b".into()
+            }
+        );
+    }
+
+    #[test]
+    fn ignores_transaction_scoped_and_compound_statements() {
+        assert_eq!(
+            session_effect("SET LOCAL search_path = a"),
+            SessionEffect::None
+        );
+        assert_eq!(
+            session_effect("SET TRANSACTION READ ONLY"),
+            SessionEffect::None
+        );
+        assert_eq!(session_effect("SET a = 1; SET b = 2"), SessionEffect::None);
+        assert_eq!(session_effect("SELECT 'SET x = 1'"), SessionEffect::None);
+        assert_eq!(
+            session_effect("SELECT 1; -- SET a = 1"),
+            SessionEffect::None
+        );
+    }
+
+    #[test]
+    fn recognises_resets() {
+        assert_eq!(session_effect("DISCARD ALL"), SessionEffect::ResetAll);
+        assert_eq!(session_effect("reset all;"), SessionEffect::ResetAll);
+        assert_eq!(
+            session_effect("RESET statement_timeout"),
+            SessionEffect::Reset {
+                key: "statement_timeout".into()
+            }
+        );
+    }
+
+    #[test]
+    fn quotes_literals() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+}

@@ -1,0 +1,119 @@
+//! Shared helpers for pgmux's integration tests: real PostgreSQL servers (see
+//! [`cluster`]), pgmux instances started in-process, and real clients.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod cluster;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cluster::Cluster;
+
+/// Each test gets its own database, so counts in pg_stat_activity are its own.
+pub fn fresh_db(primary: &Cluster, prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    primary.psql(&format!("CREATE DATABASE {name} OWNER app"));
+    primary.psql_db(
+        &name,
+        "SET ROLE app; CREATE TABLE items(id serial PRIMARY KEY, v text);",
+    );
+    name
+}
+
+/// A pgmux configuration for one database of `primary`, served to users app, app_md5
+/// and app_plain. `general` and `database` are extra TOML lines for those tables.
+pub fn config_text(primary: &Cluster, db: &str, general: &str, database: &str) -> String {
+    format!(
+        r#"
+[pgmux]
+listen = "127.0.0.1:0"
+{general}
+
+[users.app]
+password = "app-secret"
+
+[users.app_md5]
+password = "md5-secret"
+
+[users.app_plain]
+password = "plain-secret"
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+{database}
+"#,
+        port = primary.port()
+    )
+}
+
+/// Starts pgmux in this process.
+pub async fn start_pgmux(config: &str) -> pgmux::Running {
+    let config = pgmux::config::Config::parse(config).expect("test config is valid");
+    pgmux::start(config).await.expect("pgmux starts")
+}
+
+/// Connects through pgmux (or anything) with tokio-postgres.
+pub async fn connect(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect_with(addr, user, password, db, "").await
+}
+
+/// Like [`connect`], with extra libpq-style `key=value` settings.
+pub async fn connect_with(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+    extra: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let dsn = format!(
+        "host={} port={} user={user} password={password} dbname={db} connect_timeout=10 {extra}",
+        addr.ip(),
+        addr.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Server backends pgmux holds open to `db` (pg_stat_activity on the primary).
+pub fn backends(primary: &Cluster, db: &str) -> usize {
+    primary
+        .psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+        ))
+        .parse()
+        .expect("a count")
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or pgmux) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|db| db.code().code().to_string())
+}
+
+/// Polls `f` every 50 ms until it holds, for at most `limit`.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
