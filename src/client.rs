@@ -38,7 +38,10 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
             Err(e) => {
                 crate::metrics::error(e.kind());
                 match &e {
-                    Error::Auth { .. } | Error::ClientProtocol(_) | Error::UnknownDatabase(_) => {
+                    Error::Auth { .. }
+                    | Error::ClientProtocol(_)
+                    | Error::UnknownDatabase(_)
+                    | Error::Shutdown => {
                         debug!(error = %e, "client refused")
                     }
                     _ => warn!(error = %e, "client session ended with an error"),
@@ -74,10 +77,12 @@ async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
             return Err(e);
         }
         Err(_) => {
-            return Err(Error::ClientProtocol(format!(
+            let e = Error::ClientProtocol(format!(
                 "client_login_timeout ({}) expired",
                 humantime::format_duration(login_timeout)
-            )))
+            ));
+            tell(&mut stream, &e).await;
+            return Err(e);
         }
     };
     let result = client.run(app).await;
@@ -439,8 +444,13 @@ impl Client {
         self.tracker = Tracker::default();
     }
 
-    async fn make_clean(&self, server: &mut Server) -> bool {
-        if server.broken || !server.flow.is_empty() || !self.tracker.quiet() {
+    async fn make_clean(&mut self, server: &mut Server) -> bool {
+        if !self.tracker.quiet()
+            && !relay::settle(server, &mut self.flow, &mut self.tracker, CLEANUP_TIMEOUT).await
+        {
+            return false;
+        }
+        if server.broken || !server.flow.is_empty() {
             return false;
         }
         let reset = match (self.mode, self.tracker.status()) {
@@ -464,11 +474,16 @@ impl Client {
 /// How long pgmux waits for a ROLLBACK or DISCARD ALL before closing the server instead.
 const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Message types that start or continue a request to the server.
+/// Message types that start or continue a request to the server. Copy messages
+/// arriving outside a COPY are among them: PostgreSQL ignores those (a client whose
+/// COPY failed early may still send CopyFail and Sync), so a server is left to do so.
 fn is_request(tag: u8) -> bool {
     matches!(
         tag,
-        tag::QUERY
+        tag::COPY_DATA
+            | tag::COPY_DONE
+            | tag::COPY_FAIL
+            | tag::QUERY
             | tag::PARSE
             | tag::BIND
             | tag::DESCRIBE

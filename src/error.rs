@@ -40,8 +40,6 @@ pub enum Error {
     ServerProtocol(String),
     #[error("pgmux is shutting down")]
     Shutdown,
-    #[error("the client was terminated by an administrator")]
-    Killed,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -63,7 +61,7 @@ impl Error {
             ),
             UnknownDatabase(db) => fatal("3D000", format!("database \"{db}\" does not exist")),
             TooManyClients => fatal("53300", "sorry, too many clients already".to_string()),
-            PoolTimeout(_) | IdleTransactionTimeout(_) | Shutdown | Killed => {
+            PoolTimeout(_) | IdleTransactionTimeout(_) | Shutdown => {
                 let code = match self {
                     PoolTimeout(_) => "57014",
                     IdleTransactionTimeout(_) => "25P03",
@@ -105,7 +103,6 @@ impl Error {
             ServerIo(_) => "server_io",
             ServerProtocol(_) => "server_protocol",
             Shutdown => "shutdown",
-            Killed => "killed",
         }
     }
 }
@@ -130,9 +127,8 @@ mod tests {
 
     #[test]
     fn pool_timeout_names_the_setting() {
-        let (_, code, text) = Error::PoolTimeout(Duration::from_millis(500))
-            .client_message()
-            .unwrap();
+        let error = Error::PoolTimeout(Duration::from_millis(500));
+        let (_, code, text) = error.client_message().unwrap();
         assert_eq!(code, "57014");
         assert!(text.contains("query_wait_timeout (500ms)"), "{text}");
     }

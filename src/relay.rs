@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -92,6 +93,12 @@ impl Flow {
         debug_assert_eq!(self.ready, self.buf.len(), "only between messages");
         self.buf.extend_from_slice(bytes);
         self.ready = self.buf.len();
+    }
+
+    /// Part of a message has been framed and the rest has not arrived: whoever received
+    /// the first part is waiting for the rest.
+    pub fn mid_message(&self) -> bool {
+        self.skip > 0
     }
 
     fn wants_read(&self) -> bool {
@@ -176,13 +183,21 @@ pub struct Tracker {
     status: u8,
     /// The server reported an error since the last ReadyForQuery.
     failed: bool,
-    /// A COPY FROM STDIN is in progress: the server waits for the client's data.
+    /// A COPY FROM STDIN is in progress: the server waits for the client's data, and
+    /// ignores any Sync or Flush until CopyDone or CopyFail.
     copy_in: bool,
+    /// Syncs counted since the last Execute or Query. If that Execute turns out to start
+    /// a COPY FROM STDIN, the server ignores them, and they are taken back.
+    syncs_since_execute: u32,
     /// Count of ReadyForQuery messages owed in total, and received in total.
     owed_seq: u64,
     seen_seq: u64,
     /// Session-parameter changes taking effect when their ReadyForQuery arrives cleanly.
     effects: VecDeque<(u64, SessionEffect)>,
+    /// Changes made inside the open transaction block: they last only if it commits.
+    uncommitted: Vec<SessionEffect>,
+    /// The last CommandComplete was COMMIT (a failed block's COMMIT reports ROLLBACK).
+    committed: bool,
 }
 
 impl Tracker {
@@ -235,7 +250,7 @@ pub struct Limits<'a> {
 pub struct ClientEnd<'a, S> {
     pub stream: &'a mut S,
     pub flow: &'a mut Flow,
-    pub params: &'a mut std::sync::Arc<ParamSet>,
+    pub params: &'a mut Arc<ParamSet>,
     /// ParameterStatus values the client has been told, by name.
     pub reported: &'a mut Vec<(String, String)>,
 }
@@ -411,35 +426,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         while let Some(frame) = self
             .client
             .flow
-            .peek(max, |tag| tag == tag::QUERY)
+            .peek(max, |tag| tag == tag::QUERY || tag == tag::PARSE)
             .map_err(Error::ClientProtocol)?
         {
             match frame.tag {
                 tag::QUERY => {
+                    t.syncs_since_execute = 0;
                     t.pending += 1;
                     t.owed_seq += 1;
                     let text = self.client.flow.body(frame);
-                    let text = text.strip_suffix(b"\0").unwrap_or(text);
-                    // Only SET/RESET/DISCARD concern pgmux; skip the scan for anything else.
-                    if starts_like_session_statement(text) {
-                        if let Ok(text) = std::str::from_utf8(text) {
-                            let effect = sql::session_effect(text);
-                            if effect != SessionEffect::None {
-                                t.effects.push_back((t.owed_seq, effect));
-                            }
-                        }
+                    if let Some(effect) =
+                        session_effect_of(text.strip_suffix(b"\0").unwrap_or(text))
+                    {
+                        t.effects.push_back((t.owed_seq, effect));
                     }
                 }
+                tag::SYNC if t.copy_in => {}
                 tag::SYNC | tag::FUNCTION_CALL => {
                     t.pending += 1;
                     t.owed_seq += 1;
                     if frame.tag == tag::SYNC {
                         t.unsynced = false;
+                        t.syncs_since_execute += 1;
                     }
                 }
-                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
-                    t.unsynced = true
+                tag::PARSE => {
+                    t.unsynced = true;
+                    // A SET prepared in an extended batch takes effect at the next Sync.
+                    if let Some(text) = parse_query_text(self.client.flow.body(frame)) {
+                        if let Some(effect) = session_effect_of(text) {
+                            t.effects.push_back((t.owed_seq + 1, effect));
+                        }
+                    }
                 }
+                tag::EXECUTE => {
+                    t.unsynced = true;
+                    t.syncs_since_execute = 0;
+                }
+                tag::FLUSH if t.copy_in => {}
+                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => t.unsynced = true,
                 tag::COPY_DATA => {}
                 tag::COPY_DONE | tag::COPY_FAIL => t.copy_in = false,
                 tag::TERMINATE => {
@@ -466,6 +491,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             matches!(
                 tag,
                 btag::READY_FOR_QUERY
+                    | btag::COMMAND_COMPLETE
                     | btag::PARAMETER_STATUS
                     | btag::ERROR_RESPONSE
                     | btag::AUTHENTICATION
@@ -483,6 +509,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             };
             match frame.tag {
                 btag::READY_FOR_QUERY => self.ready_for_query(frame)?,
+                btag::COMMAND_COMPLETE => {
+                    self.tracker.committed = self.server.flow.body(frame) == b"COMMIT\0";
+                }
                 btag::PARAMETER_STATUS => self.parameter_status(frame),
                 btag::ERROR_RESPONSE => {
                     self.tracker.failed = true;
@@ -491,7 +520,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                         self.server.broken = true;
                     }
                 }
-                btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => self.tracker.copy_in = true,
+                btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => {
+                    let t = &mut *self.tracker;
+                    t.copy_in = true;
+                    // Syncs sent right behind the Execute are swallowed by copy-in mode;
+                    // the client sends another after CopyDone.
+                    t.pending -= t.syncs_since_execute.min(t.pending);
+                    t.owed_seq -= u64::from(t.syncs_since_execute);
+                    if t.syncs_since_execute > 0 {
+                        t.unsynced = true;
+                    }
+                    t.syncs_since_execute = 0;
+                }
                 btag::AUTHENTICATION | btag::BACKEND_KEY_DATA => {
                     self.server.broken = true;
                     return Err(Error::ServerProtocol(format!(
@@ -522,7 +562,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         while t.effects.front().is_some_and(|(seq, _)| *seq <= t.seen_seq) {
             let (seq, effect) = t.effects.pop_front().expect("checked");
             if seq == t.seen_seq && !t.failed {
-                apply_effect(std::sync::Arc::make_mut(self.client.params), effect);
+                if status == b'I' {
+                    apply_effect(Arc::make_mut(self.client.params), effect);
+                } else {
+                    t.uncommitted.push(effect);
+                }
+            }
+        }
+        if status == b'I' && !t.uncommitted.is_empty() {
+            // The block ended: its SETs stand if it committed, and vanish otherwise.
+            // ROLLBACK TO SAVEPOINT is not followed: a SET undone that way is still
+            // replayed on the client's later servers.
+            let effects = std::mem::take(&mut t.uncommitted);
+            if t.committed {
+                let params = Arc::make_mut(self.client.params);
+                effects.into_iter().for_each(|e| apply_effect(params, e));
             }
         }
         t.failed = false;
@@ -555,7 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             && !crate::params::is_read_only(name)
             && self.client.params.get(&name.to_ascii_lowercase()) != Some(&value)
         {
-            std::sync::Arc::make_mut(self.client.params).set(name, value);
+            Arc::make_mut(self.client.params).set(name, value);
         }
     }
 
@@ -597,12 +651,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     }
 }
 
+/// The query string of a Parse message body (statement name, query, parameter types).
+fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
+    let (_name, rest) = crate::protocol::cstr(body)?;
+    let (query, _) = crate::protocol::cstr(rest)?;
+    Some(query)
+}
+
+/// Brings a server whose client left mid-request back to idle: sends what the client had
+/// fully sent, ends an unfinished COPY or extended batch, cancels whatever runs, and
+/// reads until every owed ReadyForQuery has arrived. Returns `false` if that could not
+/// be done within `limit`; the server must then be closed.
+pub async fn settle(
+    server: &mut Server,
+    client_flow: &mut Flow,
+    tracker: &mut Tracker,
+    limit: Duration,
+) -> bool {
+    use postgres_protocol::message::frontend;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    if server.broken || client_flow.mid_message() || server.flow.mid_message() {
+        return false;
+    }
+    let work = async {
+        let mut out = BytesMut::from(client_flow.ready());
+        client_flow.consume(client_flow.ready().len());
+        if tracker.copy_in {
+            frontend::copy_fail("client disconnected", &mut out).ok()?;
+        }
+        if tracker.unsynced {
+            frontend::sync(&mut out);
+            tracker.pending += 1;
+            tracker.unsynced = false;
+        }
+        server.stream.write_all(&out).await.ok()?;
+        if tracker.pending > 0 {
+            crate::cancel::send(&server.cancel_key).await;
+        }
+        while tracker.pending > 0 {
+            while let Some(frame) = server
+                .flow
+                .peek(usize::MAX, |t| t == btag::READY_FOR_QUERY)
+                .ok()?
+            {
+                if frame.tag == btag::READY_FOR_QUERY {
+                    tracker.pending -= 1;
+                    tracker.status = server.flow.body(frame)[0];
+                }
+                server.flow.accept(frame);
+                let done = server.flow.ready().len();
+                server.flow.consume(done);
+            }
+            let done = server.flow.ready().len();
+            server.flow.consume(done);
+            if tracker.pending == 0 {
+                break;
+            }
+            server.flow.reserve_for_read();
+            if server.stream.read_buf(&mut server.flow.buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+        Some(())
+    };
+    let settled = matches!(tokio::time::timeout(limit, work).await, Ok(Some(())));
+    settled && server.flow.is_empty()
+}
+
 fn flush<S: AsyncWrite + Unpin>(stream: &mut S, cx: &mut Context<'_>) -> io::Result<()> {
     match Pin::new(stream).poll_flush(cx) {
         Poll::Ready(result) => result,
         // A buffering stream will finish on a later poll; nothing is lost.
         Poll::Pending => Ok(()),
     }
+}
+
+/// What a query string does to session parameters, if anything.
+fn session_effect_of(text: &[u8]) -> Option<SessionEffect> {
+    // Only SET/RESET/DISCARD concern pgmux; skip the scan for anything else.
+    if !starts_like_session_statement(text) {
+        return None;
+    }
+    let effect = sql::session_effect(std::str::from_utf8(text).ok()?);
+    (effect != SessionEffect::None).then_some(effect)
 }
 
 /// Cheap pre-check before looking for SET, RESET or DISCARD in a query.
@@ -716,6 +848,15 @@ mod tests {
         assert!(is_fatal(b"SFATAL\0VFATAL\0C57P01\0Mbye\0\0"));
         assert!(!is_fatal(b"SERROR\0VERROR\0C42601\0Moops\0\0"));
         assert!(!is_fatal(b""));
+    }
+
+    #[test]
+    fn parse_bodies_give_their_query() {
+        assert_eq!(
+            parse_query_text(b"s1\0SET x = 1\0\0\0"),
+            Some(&b"SET x = 1"[..])
+        );
+        assert_eq!(parse_query_text(b"s1"), None);
     }
 
     #[test]

@@ -99,6 +99,13 @@ pub fn backends(primary: &Cluster, db: &str) -> usize {
         .expect("a count")
 }
 
+/// The message pgmux or the server sent, or the error's own text.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|db| db.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
 /// The SQLSTATE of a tokio-postgres error, if the server (or pgmux) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|db| db.code().code().to_string())
