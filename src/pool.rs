@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 use crate::metrics::PoolMetrics;
 use crate::server::{Server, Target};
 
+/// ParameterStatus name/value pairs as a server sent them at login.
+pub type Reported = Arc<Vec<(String, String)>>;
+
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A pool of servers for one (database, user).
@@ -30,7 +33,7 @@ pub struct Pool {
     pub metrics: PoolMetrics,
     /// ParameterStatus values of the first server that logged in: what new clients are
     /// told before any server is attached to them.
-    reported: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    reported: Mutex<Option<Reported>>,
 }
 
 struct State {
@@ -264,7 +267,7 @@ impl Pool {
 
     /// The ParameterStatus values new clients are sent, opening a server if none has
     /// logged in yet.
-    pub async fn reported_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>> {
+    pub async fn reported_params(self: &Arc<Self>) -> Result<Reported> {
         if let Some(params) = self
             .reported
             .lock()

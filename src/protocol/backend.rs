@@ -205,7 +205,12 @@ mod tests {
                 use fallible_iterator::FallibleIterator;
                 let fields: Vec<(u8, String)> = body
                     .fields()
-                    .map(|f| Ok((f.type_(), f.value().to_string())))
+                    .map(|f| {
+                        Ok((
+                            f.type_(),
+                            String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        ))
+                    })
                     .collect()
                     .unwrap();
                 assert!(fields.contains(&(b'C', "28P01".to_string())));
