@@ -63,9 +63,6 @@ pub struct General {
     /// Server connections each pool keeps open even when idle.
     #[serde(default)]
     pub min_pool_size: usize,
-    /// Upper bound on server connections to one database across all its users; 0 = none.
-    #[serde(default)]
-    pub max_db_connections: usize,
     /// Connected clients beyond which new clients are refused with 53300.
     #[serde(default = "defaults::max_client_conn")]
     pub max_client_conn: usize,
@@ -101,10 +98,6 @@ pub struct General {
     /// Time given to clients and transactions to finish after SIGTERM.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
-    /// Sent to clients as `server_version` before any server connection exists; replaced by
-    /// the real server's value as soon as one has logged in.
-    #[serde(default)]
-    pub server_version: Option<String>,
 }
 
 /// A `[users.NAME]` table: the credentials clients present, also used towards the server.

@@ -93,6 +93,7 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tokio::spawn(ignore_hangups());
     wait_for_stop_signal().await;
     info!("shutting down: no new clients; running transactions may finish");
     tokio::select! {
@@ -101,6 +102,18 @@ async fn run(config: Config) -> ExitCode {
     }
     info!("pgmux stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP would otherwise end the process. Re-reading the configuration on SIGHUP is not
+/// implemented: the running configuration stays in force and the signal is only logged.
+async fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        warn!("SIGHUP received: configuration reload is not implemented; nothing changed");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
