@@ -144,8 +144,8 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         .get("replication")
         .is_some_and(|v| v != "false" && v != "0" && v != "off")
     {
-        return Err(Error::ClientProtocol(
-            "replication connections are not supported".into(),
+        return Err(Error::Unsupported(
+            "replication connections are not supported by pgmux".into(),
         ));
     }
     let user = startup
@@ -191,6 +191,9 @@ async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Star
     for _ in 0..3 {
         let packet = match startup::read(stream).await.map_err(Error::ClientIo)? {
             Ok(packet) => packet,
+            Err(e @ startup::StartupError::UnsupportedVersion { .. }) => {
+                return Err(Error::Unsupported(e.to_string()))
+            }
             Err(e) => return Err(Error::ClientProtocol(e.to_string())),
         };
         match packet {

@@ -63,6 +63,10 @@ pub struct General {
     /// Server connections each pool keeps open even when idle.
     #[serde(default)]
     pub min_pool_size: usize,
+    /// Upper bound on server connections to one database across the pools of all its
+    /// users; 0 = none. Clients over it wait as for a full pool.
+    #[serde(default)]
+    pub max_db_connections: usize,
     /// Connected clients beyond which new clients are refused with 53300.
     #[serde(default = "defaults::max_client_conn")]
     pub max_client_conn: usize,
@@ -136,6 +140,9 @@ pub struct Database {
     pub min_pool_size: Option<usize>,
     #[serde(default)]
     pub pool_mode: Option<PoolMode>,
+    /// Overrides `max_db_connections` for this database.
+    #[serde(default)]
+    pub max_db_connections: Option<usize>,
 }
 
 impl Database {
@@ -233,6 +240,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The database-wide server connection limit of `db`; 0 = none.
+    pub fn max_db_connections(&self, db: &Database) -> usize {
+        db.max_db_connections
+            .unwrap_or(self.pgmux.max_db_connections)
     }
 
     /// Pool settings for one (database, user) pair, with defaults and overrides resolved.

@@ -16,6 +16,10 @@ pub enum Error {
     /// The client sent bytes that break the protocol.
     #[error("protocol violation: {0}")]
     ClientProtocol(String),
+    /// The client asked for something pgmux does not offer (an old protocol version,
+    /// replication connections).
+    #[error("{0}")]
+    Unsupported(String),
     /// Authentication failed; the reason is logged, never shown to the client.
     #[error("authentication failed for user \"{user}\": {reason}")]
     Auth { user: String, reason: &'static str },
@@ -55,6 +59,7 @@ impl Error {
         match self {
             ClientIo(_) => None,
             ClientProtocol(m) => fatal("08P01", format!("protocol violation: {m}")),
+            Unsupported(m) => fatal("0A000", m.clone()),
             Auth { user, .. } => fatal(
                 "28P01",
                 format!("password authentication failed for user \"{user}\""),
@@ -93,6 +98,7 @@ impl Error {
         match self {
             ClientIo(_) => "client_io",
             ClientProtocol(_) => "client_protocol",
+            Unsupported(_) => "unsupported",
             Auth { .. } => "auth",
             UnknownDatabase(_) => "unknown_database",
             TooManyClients => "too_many_clients",

@@ -44,6 +44,8 @@ pub struct App {
     pub config: Config,
     users: HashMap<String, Credentials>,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// One `max_db_connections` budget per database, shared by its users' pools.
+    db_limits: HashMap<String, Arc<pool::DbLimit>>,
     cancels: Arc<cancel::Registry>,
     clients: Arc<AtomicUsize>,
     /// Cancelled when pgmux starts shutting down.
@@ -66,10 +68,19 @@ impl App {
             .iter()
             .map(|(name, user)| (name.clone(), Credentials::new(&user.password)))
             .collect();
+        let db_limits = config
+            .databases
+            .iter()
+            .map(|(name, db)| {
+                let limit = pool::DbLimit::new(config.max_db_connections(db));
+                (name.clone(), limit)
+            })
+            .collect();
         Arc::new(App {
             config,
             users,
             pools: Mutex::new(HashMap::new()),
+            db_limits,
             cancels: Arc::new(cancel::Registry::default()),
             clients: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
@@ -116,9 +127,15 @@ impl App {
             password: user_config.password.clone(),
         };
         let settings = self.config.pool_settings(db, user_config);
-        let pool = Pool::new(database, user, target, settings);
+        let limit = Arc::clone(&self.db_limits[database]);
+        let pool = Pool::new(database, user, target, settings, limit);
         pools.insert(key, Arc::clone(&pool));
         Ok(pool)
+    }
+
+    /// Servers open to a database across all its pools.
+    pub fn db_server_count(&self, database: &str) -> usize {
+        self.db_limits.get(database).map_or(0, |l| l.open())
     }
 
     /// Counts of one pool, if it exists.

@@ -7,7 +7,7 @@
 //! `server_idle_timeout` to retire them when load drops.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,11 @@ pub struct Pool {
     pub user: String,
     target: Target,
     state: Mutex<State>,
+    /// Shared by every pool of the same database: `max_db_connections`.
+    limit: Arc<DbLimit>,
+    /// Clients of this pool waiting while the pool is below its own size, that is, held
+    /// back only by the database-wide limit. Read by the other pools of the database.
+    starved: AtomicUsize,
     pub metrics: PoolMetrics,
     /// ParameterStatus values of the first server that logged in: what new clients are
     /// told before any server is attached to them.
@@ -53,11 +58,19 @@ struct Waiter {
 
 impl Pool {
     /// Creates a pool and starts its upkeep task.
-    pub fn new(database: &str, user: &str, target: Target, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(
+        database: &str,
+        user: &str,
+        target: Target,
+        settings: PoolSettings,
+        limit: Arc<DbLimit>,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database: database.to_string(),
             user: user.to_string(),
             target,
+            limit: Arc::clone(&limit),
+            starved: AtomicUsize::new(0),
             state: Mutex::new(State {
                 settings,
                 idle: Vec::new(),
@@ -68,6 +81,7 @@ impl Pool {
             metrics: PoolMetrics::new(database, user),
             reported: Mutex::new(None),
         });
+        limit.register(&pool);
         tokio::spawn(upkeep(Arc::downgrade(&pool)));
         pool
     }
@@ -90,15 +104,15 @@ impl Pool {
                 let mut st = self.lock();
                 if let Some(server) = st.idle.pop() {
                     Next::Idle(server)
-                } else if st.open < st.settings.size {
-                    st.open += 1;
+                } else if self.reserve(&mut st) {
                     Next::Open
                 } else {
                     let (tx, rx) = oneshot::channel();
                     st.waiters.retain(|w| !w.tx.is_closed());
                     st.waiters.push_back(Waiter { tx, since: start });
                     self.refresh_gauges(&st);
-                    Next::Wait(rx, st.settings.query_wait_timeout)
+                    let starved = st.open < st.settings.size;
+                    Next::Wait(rx, st.settings.query_wait_timeout, starved)
                 }
             };
             let server = match next {
@@ -110,7 +124,14 @@ impl Pool {
                         return Err(e);
                     }
                 },
-                Next::Wait(rx, timeout) => self.wait(rx, start, timeout).await?,
+                Next::Wait(rx, timeout, starved) => {
+                    if starved {
+                        // The database as a whole is at max_db_connections: an idle
+                        // server of another user's pool can make room.
+                        self.limit.evict_idle_elsewhere(self);
+                    }
+                    self.wait(rx, start, timeout).await?
+                }
             };
             if let Some(server) = self.usable(server) {
                 self.metrics.wait.record(start.elapsed().as_secs_f64());
@@ -189,12 +210,30 @@ impl Pool {
         }
     }
 
+    /// Counts a server about to be opened, if both the pool size and the database-wide
+    /// limit leave room for it.
+    fn reserve(&self, st: &mut State) -> bool {
+        if st.open >= st.settings.size || !self.limit.try_take() {
+            return false;
+        }
+        st.open += 1;
+        true
+    }
+
+    /// Uncounts a server that was closed or never opened.
+    fn unreserve(&self, st: &mut State) {
+        st.open -= 1;
+        self.limit.give_back();
+    }
+
     /// An opening failed: give the slot back, and pass the chance to a waiter.
     fn forget_one(self: &Arc<Self>) {
         let mut st = self.lock();
-        st.open -= 1;
+        self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
         self.refresh_gauges(&st);
+        drop(st);
+        self.limit.wake_others(self);
     }
 
     /// Returns a server after use. `clean` says the caller left it idle, outside any
@@ -208,6 +247,7 @@ impl Pool {
             || !server.flow.is_empty()
             || expired
             || st.open > st.settings.size
+            || (st.waiters.is_empty() && self.limit.others_starved(self))
         {
             drop(st);
             self.close(server);
@@ -234,25 +274,26 @@ impl Pool {
         self.metrics.servers_closed.increment(1);
         drop(server);
         let mut st = self.lock();
-        st.open -= 1;
+        self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
         self.refresh_gauges(&st);
+        drop(st);
+        self.limit.wake_others(self);
     }
 
     /// Opens a server in the background for the longest waiter, if there is room.
     fn refill_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
-        if st.waiters.is_empty() || st.open >= st.settings.size {
+        if st.waiters.is_empty() || !self.reserve(st) {
             return;
         }
-        st.open += 1;
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             match pool.open_server().await {
                 Ok(server) => pool.release(server, true),
                 Err(e) => {
                     let mut st = pool.lock();
-                    st.open -= 1;
+                    pool.unreserve(&mut st);
                     // Tell the longest waiter why instead of letting it time out.
                     while let Some(waiter) = st.waiters.pop_front() {
                         if waiter.tx.send(Err(clone_error(&e))).is_ok() {
@@ -260,6 +301,8 @@ impl Pool {
                         }
                     }
                     pool.refresh_gauges(&st);
+                    drop(st);
+                    pool.limit.wake_others(&pool);
                 }
             }
         });
@@ -301,6 +344,12 @@ impl Pool {
     fn refresh_gauges(&self, st: &State) {
         let m = &self.metrics;
         let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count();
+        let starved = if st.open < st.settings.size {
+            waiting
+        } else {
+            0
+        };
+        self.starved.store(starved, Ordering::Relaxed);
         m.clients.set(st.clients as f64);
         m.clients_waiting.set(waiting as f64);
         m.servers_idle.set(st.idle.len() as f64);
@@ -349,8 +398,10 @@ impl Pool {
                 .oldest_wait
                 .set(oldest.map_or(0.0, |w| w.since.elapsed().as_secs_f64()));
             let after = st.open - retired.len();
-            let missing = s.min_size.saturating_sub(after);
-            st.open += missing;
+            let mut missing = 0;
+            while after + missing < s.min_size && self.reserve(&mut st) {
+                missing += 1;
+            }
             (retired, missing)
         };
         for server in retired {
@@ -389,7 +440,119 @@ impl Pool {
 enum Next {
     Idle(Server),
     Open,
-    Wait(oneshot::Receiver<Result<Server>>, Duration),
+    /// The flag says the wait is caused by the database-wide limit, not the pool size.
+    Wait(oneshot::Receiver<Result<Server>>, Duration, bool),
+}
+
+/// The servers open to one database across the pools of all its users, bounded by
+/// `max_db_connections` (0 = unbounded, counted all the same).
+pub struct DbLimit {
+    max: usize,
+    open: AtomicUsize,
+    pools: Mutex<Vec<Weak<Pool>>>,
+    /// Where the next hand-out of a freed slot starts, so no pool is always last.
+    turn: AtomicUsize,
+}
+
+impl DbLimit {
+    pub fn new(max: usize) -> Arc<DbLimit> {
+        Arc::new(DbLimit {
+            max,
+            open: AtomicUsize::new(0),
+            pools: Mutex::new(Vec::new()),
+            turn: AtomicUsize::new(0),
+        })
+    }
+
+    /// Servers open to the database right now, in every pool.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn register(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(Arc::downgrade(pool));
+    }
+
+    /// The other live pools of the database, starting at a rotating position. The list
+    /// lock is released before any pool is locked.
+    fn others(&self, me: &Arc<Pool>) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let n = pools.len().max(1);
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        pools
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(pools.len())
+            .filter_map(Weak::upgrade)
+            .filter(|p| !Arc::ptr_eq(p, me))
+            .collect()
+    }
+
+    fn try_take(&self) -> bool {
+        if self.max == 0 {
+            self.open.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A slot came free: offer it to the other pools' waiting clients.
+    fn wake_others(&self, me: &Arc<Pool>) {
+        if self.max == 0 {
+            return;
+        }
+        for pool in self.others(me) {
+            if pool.starved.load(Ordering::Relaxed) > 0 {
+                let mut st = pool.lock();
+                pool.refill_for_waiters(&mut st);
+                pool.refresh_gauges(&st);
+            }
+        }
+    }
+
+    /// Whether a client of another pool waits for room under the database-wide limit.
+    fn others_starved(&self, me: &Arc<Pool>) -> bool {
+        self.max != 0
+            && self.open() >= self.max
+            && self
+                .others(me)
+                .iter()
+                .any(|p| p.starved.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Closes the longest-idle server of some other pool, which frees a slot for `me`.
+    fn evict_idle_elsewhere(&self, me: &Arc<Pool>) {
+        for pool in self.others(me) {
+            let victim = {
+                let mut st = pool.lock();
+                if st.idle.is_empty() {
+                    None
+                } else {
+                    Some(st.idle.remove(0))
+                }
+            };
+            if let Some(server) = victim {
+                debug!(
+                    server.id = server.id,
+                    database = %pool.database,
+                    "closing an idle server to make room under max_db_connections"
+                );
+                pool.close(server);
+                return;
+            }
+        }
+    }
 }
 
 /// Counts for observers.

@@ -687,3 +687,207 @@ async fn psql_and_pgbench_work_through_pgmux() {
     }
     assert!(backends(primary(), &db) <= 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_bounds_all_users_of_a_database() {
+    let (db, mux) = setup(
+        "dblimit",
+        "default_pool_size = 5\nmax_db_connections = 3\nauth_type = \"trust\"\nquery_wait_timeout = \"30s\"",
+    )
+    .await;
+    let addr = mux.addr;
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = Arc::clone(&stop_sampling);
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut max = 0;
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && samples < 1000 {
+                max = max.max(backends(primary(), &db));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (max, samples)
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let db = db.clone();
+        let user = if i % 2 == 0 { "app" } else { "app_md5" };
+        tasks.push(tokio::spawn(async move {
+            let client = connect(addr, user, "unused", &db).await?;
+            for _ in 0..5 {
+                // Simple protocol: named prepared statements are not this test's subject.
+                let who = simple_value(&client, "SELECT current_user, pg_sleep(0.01)").await;
+                assert_eq!(who.as_deref(), Some(user));
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("load finishes in time")
+            .unwrap()
+            .expect("every query succeeds under the database-wide limit");
+    }
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max_backends, samples) = sampler.await.unwrap();
+    assert!(samples > 0);
+    assert!(
+        max_backends <= 3,
+        "saw {max_backends} server backends with max_db_connections = 3"
+    );
+    assert!(mux.app.db_server_count(&db) <= 3);
+
+    // Fill the whole budget with idle servers of one user...
+    let holders: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(connect(addr, "app", "unused", &db).await.unwrap());
+        }
+        v
+    };
+    let mut txs = Vec::new();
+    for c in &holders {
+        c.batch_execute("BEGIN").await.unwrap();
+        txs.push(c);
+    }
+    for c in &txs {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || mux.app.db_server_count(&db) == 3).await);
+    // ...then another user's client gets a server by retiring one of them, long before
+    // its query_wait_timeout.
+    let other = connect(addr, "app_md5", "unused", &db).await.unwrap();
+    let started = std::time::Instant::now();
+    let who = tokio::time::timeout(
+        Duration::from_secs(10),
+        simple_value(&other, "SELECT current_user"),
+    )
+    .await
+    .expect("served without waiting for the query_wait_timeout");
+    assert_eq!(who.as_deref(), Some("app_md5"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(mux.app.db_server_count(&db) <= 3);
+    assert!(backends(primary(), &db) <= 3);
+}
+
+/// A raw protocol connection to pgmux with `auth_type = "trust"`: startup, then every
+/// message up to the first ReadyForQuery. Returns the socket and those message types.
+async fn raw_login(
+    addr: std::net::SocketAddr,
+    version: i32,
+    params: &[(&str, &str)],
+) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&packet).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let (tag, body) = read_raw(&mut stream).await;
+        seen.push((tag, body));
+        if tag == b'Z' || tag == b'E' {
+            return (stream, seen);
+        }
+    }
+}
+
+async fn read_raw(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0; len - 4];
+    stream.read_exact(&mut body).await.unwrap();
+    (head[0], body)
+}
+
+/// The SQLSTATE field of an ErrorResponse body.
+fn error_code(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_protocol_versions_are_negotiated_down_and_old_ones_refused() {
+    let (db, mux) = setup("npv", "auth_type = \"trust\"").await;
+    let (_stream, seen) = raw_login(
+        mux.addr,
+        (3 << 16) | 2,
+        &[
+            ("user", "app"),
+            ("database", &db),
+            ("_pq_.frobnicate", "on"),
+        ],
+    )
+    .await;
+    let (tag, body) = &seen[0];
+    assert_eq!(*tag, b'v', "NegotiateProtocolVersion comes first: {seen:?}");
+    assert_eq!(&body[0..4], &0i32.to_be_bytes(), "minor version 0 offered");
+    assert_eq!(&body[4..8], &1i32.to_be_bytes(), "one option refused");
+    assert_eq!(&body[8..], b"_pq_.frobnicate\0");
+    assert_eq!(
+        seen.last().unwrap().0,
+        b'Z',
+        "login then completes: {seen:?}"
+    );
+
+    let (_stream, seen) = raw_login(mux.addr, 2 << 16, &[("user", "app")]).await;
+    let (tag, body) = seen.last().unwrap();
+    assert_eq!(*tag, b'E', "protocol 2.0 is refused: {seen:?}");
+    assert_eq!(error_code(body), "0A000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_passes_through() {
+    use tokio::io::AsyncWriteExt;
+    let (db, mux) = setup("fcall", "auth_type = \"trust\"\ndefault_pool_size = 1").await;
+    let (mut stream, seen) =
+        raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    assert_eq!(seen.last().unwrap().0, b'Z');
+    // int4pl(20, 22), oid 177, binary arguments and result.
+    let mut body = Vec::new();
+    body.extend_from_slice(&177i32.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&2i16.to_be_bytes());
+    for v in [20i32, 22] {
+        body.extend_from_slice(&4i32.to_be_bytes());
+        body.extend_from_slice(&v.to_be_bytes());
+    }
+    body.extend_from_slice(&1i16.to_be_bytes());
+    let mut msg = vec![b'F'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    for _ in 0..2 {
+        stream.write_all(&msg).await.unwrap();
+        let (tag, body) = read_raw(&mut stream).await;
+        assert_eq!(tag, b'V', "FunctionCallResponse");
+        assert_eq!(&body[0..4], &4i32.to_be_bytes());
+        assert_eq!(&body[4..8], &42i32.to_be_bytes());
+        let (tag, body) = read_raw(&mut stream).await;
+        assert_eq!((tag, body), (b'Z', vec![b'I']));
+    }
+    // The server went back to the pool after each call: another client can use it.
+    let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let n: i32 = other.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(n, 7);
+}

@@ -124,3 +124,12 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The first column of the first row of a simple-protocol query.
+pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    let messages = client.simple_query(sql).await.expect("query succeeds");
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+        _ => None,
+    })
+}
