@@ -18,6 +18,7 @@ use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::params::{self, ParamSet, ParamValue};
 use crate::pool::Pool;
+use crate::prepared::{ClientStatements, Local};
 use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
@@ -61,6 +62,7 @@ async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
     let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
     let mut client = match login {
         Ok(Ok(Some(session))) => Client {
+            statements: prepared_statements(&session.pool, session.mode),
             stream,
             flow: Flow::default(),
             pool: session.pool,
@@ -93,6 +95,21 @@ async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
     result
 }
 
+/// The prepared-statement bookkeeping a client of `pool` needs: none in session mode,
+/// where the client keeps its server and its statements with it, or when
+/// max_prepared_statements is 0.
+fn prepared_statements(pool: &Arc<Pool>, mode: PoolMode) -> Option<ClientStatements> {
+    let settings = pool.settings();
+    let server_cap = std::num::NonZeroUsize::new(settings.max_prepared_statements)?;
+    (mode == PoolMode::Transaction).then(|| {
+        ClientStatements::new(
+            Arc::clone(&pool.statements),
+            settings.max_client_prepared_statements,
+            server_cap,
+        )
+    })
+}
+
 /// Sends the client the ErrorResponse for `e`, if it has one; failures are moot.
 async fn tell(stream: &mut TcpStream, e: &Error) {
     let mut buf = BytesMut::new();
@@ -111,6 +128,8 @@ struct Client {
     params: Arc<ParamSet>,
     reported: Vec<(String, String)>,
     tracker: Tracker,
+    /// Protocol-level prepared statements, kept by pgmux in transaction mode.
+    statements: Option<ClientStatements>,
     cancel: SlotGuard,
     /// Keeps the max_client_conn count until the client is gone.
     _admission: crate::Admission,
@@ -324,6 +343,7 @@ impl Client {
                     flow: &mut self.flow,
                     params: &mut self.params,
                     reported: &mut self.reported,
+                    prepared: self.statements.as_mut(),
                 },
                 &mut server,
                 &mut self.tracker,
@@ -354,16 +374,35 @@ impl Client {
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
-                match (tag, len) {
+                let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
                     (tag::SYNC, 4) => {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
                         backend::ready_for_query(&mut out, b'I');
                         self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+                        true
                     }
                     (tag::FLUSH, 4) => {
                         self.flow.buf.advance(5);
+                        true
+                    }
+                    (tag::PARSE | tag::CLOSE | tag::QUERY, _) if self.statements.is_some() => {
+                        let statements = self.statements.as_mut().expect("checked");
+                        let mut reply = BytesMut::new();
+                        match statements.answer_locally(self.flow.pending(), &mut reply) {
+                            Local::Answered(n) => {
+                                self.flow.buf.advance(n);
+                                self.stream
+                                    .write_all(&reply)
+                                    .await
+                                    .map_err(Error::ClientIo)?;
+                                true
+                            }
+                            Local::NeedsServer => return Ok(true),
+                            // Read the rest of the request before deciding.
+                            Local::Incomplete => false,
+                        }
                     }
                     _ if is_request(tag) => return Ok(true),
                     _ => {
@@ -372,8 +411,10 @@ impl Client {
                             tag as char
                         )))
                     }
+                };
+                if handled {
+                    continue;
                 }
-                continue;
             }
             if self.flow.buf.capacity() - self.flow.buf.len() < 512 {
                 self.flow.buf.reserve(IDLE_BUFFER);
@@ -442,6 +483,13 @@ impl Client {
     async fn detach(&mut self, mut server: Server) {
         self.cancel.slot.set_target(None);
         server.params = Arc::clone(&self.params);
+        if let Some(statements) = self.statements.as_mut() {
+            if !statements.settled() {
+                // The client left mid-request: what the server holds is no longer known.
+                statements.forget_server(&mut server.prepared);
+            }
+            statements.reset_request();
+        }
         let clean = self.make_clean(&mut server).await;
         self.pool.release(server, clean);
         self.tracker = Tracker::default();

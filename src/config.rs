@@ -67,6 +67,14 @@ pub struct General {
     /// users; 0 = none. Clients over it wait as for a full pool.
     #[serde(default)]
     pub max_db_connections: usize,
+    /// Prepared statements each server connection keeps, least recently used closed
+    /// first; 0 passes named statements through untouched (they then work in session
+    /// mode only).
+    #[serde(default = "defaults::max_prepared_statements")]
+    pub max_prepared_statements: usize,
+    /// Prepared statements one client may hold; a Parse beyond gets SQLSTATE 53400.
+    #[serde(default = "defaults::max_client_prepared_statements")]
+    pub max_client_prepared_statements: usize,
     /// Connected clients beyond which new clients are refused with 53300.
     #[serde(default = "defaults::max_client_conn")]
     pub max_client_conn: usize,
@@ -192,6 +200,12 @@ impl Config {
         if g.default_pool_size == 0 {
             return Err(invalid("pgmux.default_pool_size", "must be at least 1"));
         }
+        if g.max_client_prepared_statements == 0 {
+            return Err(invalid(
+                "pgmux.max_client_prepared_statements",
+                "must be at least 1",
+            ));
+        }
         if g.max_client_conn == 0 {
             return Err(invalid("pgmux.max_client_conn", "must be at least 1"));
         }
@@ -264,6 +278,8 @@ impl Config {
             server_idle_timeout: g.server_idle_timeout,
             server_lifetime: g.server_lifetime,
             maintenance_interval: g.maintenance_interval,
+            max_prepared_statements: g.max_prepared_statements,
+            max_client_prepared_statements: g.max_client_prepared_statements,
         }
     }
 }
@@ -279,6 +295,8 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,
     pub maintenance_interval: Duration,
+    pub max_prepared_statements: usize,
+    pub max_client_prepared_statements: usize,
 }
 
 mod defaults {
@@ -292,6 +310,12 @@ mod defaults {
     }
     pub fn pool_size() -> usize {
         20
+    }
+    pub fn max_prepared_statements() -> usize {
+        200
+    }
+    pub fn max_client_prepared_statements() -> usize {
+        1000
     }
     pub fn max_client_conn() -> usize {
         10_000

@@ -14,6 +14,7 @@ pub mod error;
 pub mod metrics;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod random;
 pub mod relay;
@@ -136,6 +137,14 @@ impl App {
     /// Servers open to a database across all its pools.
     pub fn db_server_count(&self, database: &str) -> usize {
         self.db_limits.get(database).map_or(0, |l| l.open())
+    }
+
+    /// The prepared-statement registry (and its counters) of one pool, if it exists.
+    pub fn prepared_stats(&self, database: &str, user: &str) -> Option<Arc<prepared::Registry>> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .get(&(database.to_string(), user.to_string()))
+            .map(|p| Arc::clone(&p.statements))
     }
 
     /// Counts of one pool, if it exists.

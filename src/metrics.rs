@@ -54,6 +54,11 @@ pub struct PoolMetrics {
     pub bytes_sent: Counter,
     pub servers_opened: Counter,
     pub servers_closed: Counter,
+    pub prepared_server_statements: Gauge,
+    pub prepared_client_parses: Counter,
+    pub prepared_server_parses: Counter,
+    pub prepared_evictions: Counter,
+    pub prepared_local_answers: Counter,
 }
 
 impl PoolMetrics {
@@ -76,7 +81,29 @@ impl PoolMetrics {
             bytes_sent: counter!("pgmux_client_bytes_sent_total", &labels),
             servers_opened: counter!("pgmux_server_connections_opened_total", &labels),
             servers_closed: counter!("pgmux_server_connections_closed_total", &labels),
+            prepared_server_statements: gauge!("pgmux_prepared_statements", &labels),
+            prepared_client_parses: counter!("pgmux_prepared_client_parses_total", &labels),
+            prepared_server_parses: counter!("pgmux_prepared_server_parses_total", &labels),
+            prepared_evictions: counter!("pgmux_prepared_evictions_total", &labels),
+            prepared_local_answers: counter!("pgmux_prepared_local_answers_total", &labels),
         }
+    }
+
+    /// Copies a pool's prepared-statement counts into its series. The counts live in
+    /// plain atomics so the relay touches no metrics machinery per message; this runs
+    /// with each round of pool upkeep.
+    pub fn record_prepared(&self, stats: &crate::prepared::Stats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.prepared_server_statements
+            .set(stats.server_statements.load(Relaxed) as f64);
+        self.prepared_client_parses
+            .absolute(stats.client_parses.load(Relaxed));
+        self.prepared_server_parses
+            .absolute(stats.server_parses.load(Relaxed));
+        self.prepared_evictions
+            .absolute(stats.evictions.load(Relaxed));
+        self.prepared_local_answers
+            .absolute(stats.local_answers.load(Relaxed));
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Pool {
     /// back only by the database-wide limit. Read by the other pools of the database.
     starved: AtomicUsize,
     pub metrics: PoolMetrics,
+    /// The distinct prepared statements of this pool's clients.
+    pub statements: Arc<crate::prepared::Registry>,
     /// ParameterStatus values of the first server that logged in: what new clients are
     /// told before any server is attached to them.
     reported: Mutex<Option<Reported>>,
@@ -79,6 +81,7 @@ impl Pool {
                 clients: 0,
             }),
             metrics: PoolMetrics::new(database, user),
+            statements: Arc::default(),
             reported: Mutex::new(None),
         });
         limit.register(&pool);
@@ -272,6 +275,12 @@ impl Pool {
     pub fn close(self: &Arc<Self>, server: Server) {
         debug!(server.id = server.id, "server connection closed");
         self.metrics.servers_closed.increment(1);
+        if let Some(statements) = &server.prepared {
+            self.statements
+                .stats
+                .server_statements
+                .fetch_sub(statements.len() as i64, Ordering::Relaxed);
+        }
         drop(server);
         let mut st = self.lock();
         self.unreserve(&mut st);
@@ -393,6 +402,7 @@ impl Pool {
                     i += 1;
                 }
             }
+            self.metrics.record_prepared(&self.statements.stats);
             let oldest = st.waiters.iter().find(|w| !w.tx.is_closed());
             self.metrics
                 .oldest_wait
@@ -437,6 +447,8 @@ impl Pool {
     }
 }
 
+// The Server is moved out at once; boxing it would allocate on every checkout.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Idle(Server),
     Open,

@@ -29,6 +29,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::error::{Error, Result};
 use crate::params::{ParamSet, ParamValue};
+use crate::prepared::{Action, ClientStatements, Disposition};
 use crate::protocol::{btag, header, tag, HEADER_LEN};
 use crate::server::Server;
 use crate::sql::{self, SessionEffect};
@@ -164,6 +165,24 @@ impl Flow {
         }
     }
 
+    /// Replaces the `remove` unframed bytes at the framing point with `insert`, which is
+    /// framed at once. Only between messages.
+    fn splice_ready(&mut self, remove: usize, insert: &[u8]) {
+        debug_assert_eq!(self.skip, 0, "only between messages");
+        let at = self.ready;
+        let end = self.buf.len();
+        if insert.len() <= remove {
+            self.buf[at..at + insert.len()].copy_from_slice(insert);
+            self.buf.copy_within(at + remove..end, at + insert.len());
+            self.buf.truncate(end - (remove - insert.len()));
+        } else {
+            self.buf.resize(end + insert.len() - remove, 0);
+            self.buf.copy_within(at + remove..end, at + insert.len());
+            self.buf[at..at + insert.len()].copy_from_slice(insert);
+        }
+        self.ready += insert.len();
+    }
+
     /// Gives memory back after a burst, so idle clients stay small.
     pub fn shrink_if_idle(&mut self, keep: usize) {
         if self.buf.is_empty() && self.buf.capacity() > keep {
@@ -253,6 +272,8 @@ pub struct ClientEnd<'a, S> {
     pub params: &'a mut Arc<ParamSet>,
     /// ParameterStatus values the client has been told, by name.
     pub reported: &'a mut Vec<(String, String)>,
+    /// The client's prepared statements, when pgmux keeps them (transaction mode).
+    pub prepared: Option<&'a mut ClientStatements>,
 }
 
 /// Things the relay wants done by the caller while it keeps running.
@@ -422,13 +443,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     /// Frames client messages, updating what is owed by the server.
     fn frame_client(&mut self) -> Result<()> {
         let max = self.limits.max_message_size;
-        let t = &mut *self.tracker;
+        let tracking = self.client.prepared.is_some();
+        let whole = |tag| {
+            tag == tag::QUERY
+                || tag == tag::PARSE
+                || (tracking && matches!(tag, tag::BIND | tag::DESCRIBE | tag::CLOSE))
+        };
         while let Some(frame) = self
             .client
             .flow
-            .peek(max, |tag| tag == tag::QUERY || tag == tag::PARSE)
+            .peek(max, whole)
             .map_err(Error::ClientProtocol)?
         {
+            let action = match self.client.prepared.as_deref_mut() {
+                Some(statements) => {
+                    let body = if frame.whole {
+                        self.client.flow.body(frame)
+                    } else {
+                        &[]
+                    };
+                    statements.on_client(
+                        frame.tag,
+                        body,
+                        &mut self.server.prepared,
+                        self.tracker.copy_in,
+                    )
+                }
+                None => Action::Forward,
+            };
+            if action == Action::Answered {
+                self.client.flow.splice_ready(frame.len, &[]);
+                self.emit_synthetic();
+                continue;
+            }
+            let t = &mut *self.tracker;
             match frame.tag {
                 tag::QUERY => {
                     t.syncs_since_execute = 0;
@@ -479,15 +527,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     )))
                 }
             }
-            let _ = frame.whole;
-            self.client.flow.accept(frame);
+            match (action, self.client.prepared.as_deref()) {
+                (Action::Replace, Some(statements)) => {
+                    self.client.flow.splice_ready(frame.len, &statements.out);
+                }
+                _ => self.client.flow.accept(frame),
+            }
+            self.emit_synthetic();
         }
         Ok(())
     }
 
+    /// Writes the answers pgmux owes the client in place of messages it did not send,
+    /// once everything before them has been answered.
+    fn emit_synthetic(&mut self) {
+        let Some(statements) = self.client.prepared.as_deref_mut() else {
+            return;
+        };
+        if !statements.synthetic_due() || self.server.flow.mid_message() {
+            return;
+        }
+        let mut answers = BytesMut::new();
+        statements.drain_synthetic(self.tracker.status(), &mut answers);
+        self.server.flow.splice_ready(0, &answers);
+    }
+
     /// Frames server messages, noting ReadyForQuery, ParameterStatus and errors.
     fn frame_server(&mut self) -> Result<()> {
+        let tracking = self.client.prepared.is_some();
         let whole = |tag| {
+            if tracking {
+                // Answers may be dropped, replaced or have pgmux's own put next to them,
+                // which needs them whole; rows and copy data still stream.
+                return !matches!(tag, btag::DATA_ROW | btag::COPY_DATA | b'V');
+            }
             matches!(
                 tag,
                 btag::READY_FOR_QUERY
@@ -506,6 +579,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     self.server.broken = true;
                     return Err(Error::ServerProtocol(e));
                 }
+            };
+            let disposition = match self.client.prepared.as_deref_mut() {
+                Some(statements) => {
+                    let body = if frame.tag == btag::COMMAND_COMPLETE {
+                        self.server.flow.body(frame)
+                    } else {
+                        &[]
+                    };
+                    statements.on_server(frame.tag, body, &mut self.server.prepared)
+                }
+                None => Disposition::Keep,
             };
             match frame.tag {
                 btag::READY_FOR_QUERY => self.ready_for_query(frame)?,
@@ -541,7 +625,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 }
                 _ => {}
             }
-            self.server.flow.accept(frame);
+            match (disposition, self.client.prepared.as_deref()) {
+                (Disposition::Drop, _) if frame.whole => {
+                    self.server.flow.splice_ready(frame.len, &[])
+                }
+                (Disposition::Replace, Some(statements)) if frame.whole => {
+                    self.server.flow.splice_ready(frame.len, &statements.out);
+                }
+                _ => self.server.flow.accept(frame),
+            }
+            self.emit_synthetic();
         }
         Ok(())
     }
@@ -586,7 +679,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         if status == b'I' {
             m.transactions.increment(1);
         }
-        if self.limits.stop_at_boundary && t.at_boundary() && !self.terminate {
+        let settled = self
+            .client
+            .prepared
+            .as_deref()
+            .is_none_or(ClientStatements::settled);
+        if self.limits.stop_at_boundary && t.at_boundary() && !self.terminate && settled {
             self.boundary = true;
         }
         Ok(())

@@ -137,6 +137,27 @@ pub fn session_effect(sql: &str) -> SessionEffect {
     }
 }
 
+/// The statement a single-statement `DEALLOCATE [PREPARE] name` removes, as PostgreSQL
+/// looks it up: unquoted names folded to lower case, quoted ones as written. `None` for
+/// `DEALLOCATE ALL` and anything else.
+pub fn deallocate_name(sql: &str) -> Option<String> {
+    let (words, _) = single_statement_words(sql)?;
+    let name = match words.as_slice() {
+        [d, name] if d == "deallocate" => name,
+        [d, p, name] if d == "deallocate" && p == "prepare" => name,
+        _ => return None,
+    };
+    if name == "all" || name == "prepare" {
+        return None;
+    }
+    if let Some(quoted) = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        return Some(quoted.replace("\"\"", "\""));
+    }
+    name.chars()
+        .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+        .then(|| name.clone())
+}
+
 fn set(key: &str, statement: &str) -> SessionEffect {
     SessionEffect::Set {
         key: key.to_string(),
@@ -165,6 +186,22 @@ pub fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deallocate_names_fold_like_identifiers() {
+        assert_eq!(deallocate_name("DEALLOCATE P_0"), Some("p_0".into()));
+        assert_eq!(
+            deallocate_name("deallocate prepare \"P_0\";"),
+            Some("P_0".into())
+        );
+        assert_eq!(
+            deallocate_name("DEALLOCATE \"a\"\"b\""),
+            Some("a\"b".into())
+        );
+        assert_eq!(deallocate_name("DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_name("DEALLOCATE PREPARE ALL"), None);
+        assert_eq!(deallocate_name("DEALLOCATE a; SELECT 1"), None);
+    }
 
     fn set_key(sql: &str) -> Option<String> {
         match session_effect(sql) {

@@ -774,58 +774,6 @@ async fn max_db_connections_bounds_all_users_of_a_database() {
     assert!(backends(primary(), &db) <= 3);
 }
 
-/// A raw protocol connection to pgmux with `auth_type = "trust"`: startup, then every
-/// message up to the first ReadyForQuery. Returns the socket and those message types.
-async fn raw_login(
-    addr: std::net::SocketAddr,
-    version: i32,
-    params: &[(&str, &str)],
-) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
-    use tokio::io::AsyncWriteExt;
-    let mut body = Vec::new();
-    body.extend_from_slice(&version.to_be_bytes());
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(&packet).await.unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let (tag, body) = read_raw(&mut stream).await;
-        seen.push((tag, body));
-        if tag == b'Z' || tag == b'E' {
-            return (stream, seen);
-        }
-    }
-}
-
-async fn read_raw(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
-    use tokio::io::AsyncReadExt;
-    let mut head = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
-        .await
-        .expect("a message in time")
-        .expect("a message");
-    let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
-    let mut body = vec![0; len - 4];
-    stream.read_exact(&mut body).await.unwrap();
-    (head[0], body)
-}
-
-/// The SQLSTATE field of an ErrorResponse body.
-fn error_code(body: &[u8]) -> String {
-    body.split(|b| *b == 0)
-        .find(|f| f.first() == Some(&b'C'))
-        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_protocol_versions_are_negotiated_down_and_old_ones_refused() {
     let (db, mux) = setup("npv", "auth_type = \"trust\"").await;

@@ -59,6 +59,9 @@ pub struct Server {
     pub last_used: Instant,
     /// Set when the connection can no longer be trusted (FATAL seen, I/O failure).
     pub broken: bool,
+    /// Protocol-level prepared statements pgmux created here, in transaction mode;
+    /// `None` until the first one, and again whenever that list cannot be trusted.
+    pub prepared: Option<crate::prepared::ServerStatements>,
 }
 
 impl std::fmt::Debug for Server {
@@ -119,6 +122,7 @@ impl Server {
             created: Instant::now(),
             last_used: Instant::now(),
             broken: false,
+            prepared: None,
         };
         server.login(target).await?;
         Ok(server)

@@ -133,3 +133,72 @@ pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> Option<
         _ => None,
     })
 }
+
+/// A raw protocol connection to pgmux with `auth_type = "trust"`: startup, then every
+/// message up to the first ReadyForQuery. Returns the socket and those message types.
+pub async fn raw_login(
+    addr: std::net::SocketAddr,
+    version: i32,
+    params: &[(&str, &str)],
+) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&packet).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let (tag, body) = read_raw(&mut stream).await;
+        seen.push((tag, body));
+        if tag == b'Z' || tag == b'E' {
+            return (stream, seen);
+        }
+    }
+}
+
+pub async fn read_raw(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0; len - 4];
+    stream.read_exact(&mut body).await.unwrap();
+    (head[0], body)
+}
+
+/// The SQLSTATE field of an ErrorResponse body.
+pub fn error_code(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}
+
+/// Reads messages up to and including the next ReadyForQuery.
+pub async fn read_until_ready(stream: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut seen = Vec::new();
+    loop {
+        let (tag, body) = read_raw(stream).await;
+        seen.push((tag, body));
+        if tag == b'Z' {
+            return seen;
+        }
+    }
+}
+
+/// The message types of `messages`, as a string: "12CZ".
+pub fn tags(messages: &[(u8, Vec<u8>)]) -> String {
+    messages.iter().map(|(t, _)| *t as char).collect()
+}

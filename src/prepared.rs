@@ -1,0 +1,855 @@
+//! Protocol-level prepared statements in transaction mode.
+//!
+//! Drivers prepare named statements once per connection and use them in later round
+//! trips, but in transaction mode those round trips may land on different servers. pgmux
+//! therefore keeps the statements a client prepared by the client's own names, and gives
+//! each distinct statement (query text plus parameter types) one server-side name of its
+//! own, shared by every client of the pool that prepared the same text. Each server
+//! remembers which server-side names it holds, in an LRU bounded by
+//! `max_prepared_statements`.
+//!
+//! Client messages naming a statement are rewritten on their way to the server: a Parse
+//! the server already holds is not sent at all, and a Bind or Describe of a statement the
+//! server lacks is preceded by a Parse made by pgmux. The server's answers then no longer
+//! match what the client sent, so every message sent carries an expectation in a queue,
+//! in order: the answers to pgmux's own messages are dropped, and the ParseComplete or
+//! CloseComplete the client expects for a message that was not sent is written into the
+//! answer stream at its place.
+//!
+//! Errors follow PostgreSQL: after an ErrorResponse in an extended-protocol batch, the
+//! server skips everything up to Sync, so every statement that batch would have created
+//! is forgotten again, on the client's side and the server's.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lru::LruCache;
+
+use crate::protocol::{backend, btag, cstr, tag};
+
+/// Largest message considered for an answer without a server.
+const LOCAL_MESSAGE_MAX: usize = 1 << 20;
+
+/// Server-side statement names pgmux makes all start with this.
+pub const NAME_PREFIX: &str = "__pgmux_";
+
+/// A name no server-side statement ever has: client names that would look like pgmux's
+/// own, and that the client never prepared, are sent as this one.
+const UNKNOWN_NAME: &[u8] = b"__pgmux_unknown";
+
+/// One distinct statement of a pool: its server-side name and the Parse that creates it.
+#[derive(Debug)]
+pub struct Statement {
+    pub name: Arc<str>,
+    /// A complete Parse message under the server-side name.
+    parse: Bytes,
+    /// Some server accepted this Parse: the text is valid SQL with those parameter types,
+    /// so a client preparing it while no server is attached can be answered at once.
+    validated: AtomicBool,
+}
+
+/// Counters of one pool, read by metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Named Parse messages clients sent.
+    pub client_parses: AtomicU64,
+    /// Parse messages that reached a server (the client's own or made by pgmux).
+    pub server_parses: AtomicU64,
+    /// Statements closed on a server to stay within max_prepared_statements.
+    pub evictions: AtomicU64,
+    /// Parse messages answered without any server.
+    pub local_answers: AtomicU64,
+    /// Statements held on the pool's servers right now.
+    pub server_statements: AtomicI64,
+}
+
+/// The distinct statements of one pool, by query text and parameter types.
+#[derive(Debug, Default)]
+pub struct Registry {
+    statements: Mutex<HashMap<Box<[u8]>, Weak<Statement>>>,
+    /// Map size at which dead entries are next swept out.
+    sweep_at: AtomicU64,
+    pub stats: Stats,
+}
+
+static NEXT_STATEMENT: AtomicU64 = AtomicU64::new(1);
+
+impl Registry {
+    /// The statement for a Parse body's text and types (`spec`: everything after the
+    /// statement name), created if no client holds one.
+    fn statement(&self, spec: &[u8]) -> Arc<Statement> {
+        let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stmt) = map.get(spec).and_then(Weak::upgrade) {
+            return stmt;
+        }
+        let n = NEXT_STATEMENT.fetch_add(1, Ordering::Relaxed);
+        let name: Arc<str> = format!("{NAME_PREFIX}{n}").into();
+        let mut parse = BytesMut::with_capacity(spec.len() + name.len() + 6);
+        parse.put_u8(tag::PARSE);
+        parse.put_i32((4 + name.len() + 1 + spec.len()) as i32);
+        parse.put_slice(name.as_bytes());
+        parse.put_u8(0);
+        parse.put_slice(spec);
+        let stmt = Arc::new(Statement {
+            name,
+            parse: parse.freeze(),
+            validated: AtomicBool::new(false),
+        });
+        map.insert(spec.into(), Arc::downgrade(&stmt));
+        // Entries die with the last client holding them; sweep when the map has doubled.
+        let len = map.len() as u64;
+        if len >= self.sweep_at.load(Ordering::Relaxed) {
+            map.retain(|_, w| w.strong_count() > 0);
+            self.sweep_at
+                .store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
+        }
+        stmt
+    }
+
+    /// The statement for `spec` if some server has accepted it.
+    fn validated(&self, spec: &[u8]) -> Option<Arc<Statement>> {
+        let map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(spec)
+            .and_then(Weak::upgrade)
+            .filter(|s| s.validated.load(Ordering::Relaxed))
+    }
+}
+
+/// The statements one server connection holds, least recently used first out.
+#[derive(Debug)]
+pub struct ServerStatements {
+    lru: LruCache<Arc<str>, ()>,
+}
+
+impl ServerStatements {
+    pub fn new(cap: NonZeroUsize) -> ServerStatements {
+        ServerStatements {
+            lru: LruCache::new(cap),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lru.is_empty()
+    }
+
+    /// Whether the server holds `name`; marks it used.
+    fn touch(&mut self, name: &str) -> bool {
+        self.lru.get(name).is_some()
+    }
+}
+
+/// How the answer to one message sent to the server is handled.
+#[derive(Debug)]
+enum Expect {
+    /// The client sent this message and sees the answer.
+    Relay(Kind, Undo),
+    /// pgmux sent this message; its answer is dropped, but an error still reaches the
+    /// client, since the client's own next message fails because of it.
+    Hidden(Kind, Undo),
+    /// Sent in place of a client message pgmux refuses; the server's ErrorResponse is
+    /// replaced by this one.
+    Refused(Bytes),
+    /// Not sent: the client gets these bytes in its place.
+    Synthetic(Synthetic, Undo),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    /// Sync: answered by ReadyForQuery, errors or not; ends the skipping after an error.
+    Sync,
+    /// Query and FunctionCall: answered by ReadyForQuery, errors or not.
+    Ready,
+}
+
+impl Kind {
+    /// Whether a server message of type `tag` is the last of the answer.
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close => tag == b'3',
+            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync | Kind::Ready => tag == btag::READY_FOR_QUERY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    /// CommandComplete `DEALLOCATE` and ReadyForQuery, for a simple-query DEALLOCATE.
+    Deallocated,
+}
+
+/// What to take back if a message turns out not to have taken effect.
+#[derive(Debug)]
+enum Undo {
+    None,
+    /// A client's Parse: forget the client's name, and the server's copy if this Parse
+    /// was to create it.
+    ClientParse {
+        name: Box<[u8]>,
+        stmt: Arc<Statement>,
+        on_server: bool,
+    },
+    /// A Parse pgmux made: the server does not hold the statement after all.
+    ServerParse(Arc<Statement>),
+    /// A client's Close: the statement still exists.
+    ClientClose {
+        name: Box<[u8]>,
+        stmt: Arc<Statement>,
+    },
+}
+
+/// What the relay does with a client message after [`ClientStatements::on_client`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Forward it unchanged.
+    Forward,
+    /// Send the bytes in [`ClientStatements::out`] in its place (possibly none).
+    Replace,
+    /// It was a request answered entirely by pgmux; send nothing and owe nothing.
+    Answered,
+}
+
+/// What the relay does with a server message after [`ClientStatements::on_server`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Keep,
+    Drop,
+    /// Give the client the bytes in [`ClientStatements::out`] instead.
+    Replace,
+}
+
+/// The statements one client has prepared, by the client's names, and the bookkeeping
+/// of the request in flight.
+#[derive(Debug)]
+pub struct ClientStatements {
+    map: HashMap<Box<[u8]>, Arc<Statement>>,
+    registry: Arc<Registry>,
+    /// Most statements the client may hold at once.
+    max: usize,
+    /// Capacity of each server's LRU.
+    server_cap: NonZeroUsize,
+    expect: VecDeque<Expect>,
+    /// An error arrived and the client has not sent its Sync yet: the server ignores
+    /// everything until then, and so does the bookkeeping.
+    skipping: bool,
+    /// Scratch space for rewritten messages; reused, so steady state allocates nothing.
+    pub out: BytesMut,
+}
+
+impl ClientStatements {
+    pub fn new(registry: Arc<Registry>, max: usize, server_cap: NonZeroUsize) -> Self {
+        ClientStatements {
+            map: HashMap::new(),
+            registry,
+            max,
+            server_cap,
+            expect: VecDeque::new(),
+            skipping: false,
+            out: BytesMut::new(),
+        }
+    }
+
+    /// Statements the client holds.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Nothing is owed by the server and nothing waits to be given to the client.
+    pub fn settled(&self) -> bool {
+        self.expect.is_empty()
+    }
+
+    /// Forgets the request in flight: the server was released or abandoned.
+    pub fn reset_request(&mut self) {
+        self.expect.clear();
+        self.skipping = false;
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.registry.stats
+    }
+
+    /// Looks at a client message bound for `server`. `copy_in` says a COPY FROM STDIN
+    /// is running, when the server ignores Sync.
+    pub fn on_client(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        server: &mut Option<ServerStatements>,
+        copy_in: bool,
+    ) -> Action {
+        let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
+        if self.skipping && tag != tag::SYNC {
+            // The server ignores it; so does the bookkeeping.
+            return Action::Forward;
+        }
+        match tag {
+            tag::PARSE => self.parse(body, server),
+            tag::BIND => self.bind(body, server),
+            tag::DESCRIBE => self.describe(body, server),
+            tag::CLOSE => self.close(body),
+            tag::EXECUTE => {
+                self.expect
+                    .push_back(Expect::Relay(Kind::Execute, Undo::None));
+                Action::Forward
+            }
+            tag::SYNC if copy_in => Action::Forward,
+            tag::SYNC => {
+                self.skipping = false;
+                self.expect.push_back(Expect::Relay(Kind::Sync, Undo::None));
+                Action::Forward
+            }
+            tag::QUERY => self.query(body),
+            tag::FUNCTION_CALL => {
+                self.expect
+                    .push_back(Expect::Relay(Kind::Ready, Undo::None));
+                Action::Forward
+            }
+            _ => Action::Forward,
+        }
+    }
+
+    fn parse(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
+        let Some((name, spec)) = cstr(body) else {
+            return Action::Forward;
+        };
+        if name.is_empty() {
+            self.expect
+                .push_back(Expect::Relay(Kind::Parse, Undo::None));
+            return Action::Forward;
+        }
+        self.stats().client_parses.fetch_add(1, Ordering::Relaxed);
+        if self.map.contains_key(name) {
+            let message = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(name)
+            );
+            return self.refuse("42P05", &message);
+        }
+        if self.map.len() >= self.max {
+            let message = format!(
+                "too many prepared statements on this connection (max_client_prepared_statements = {})",
+                self.max
+            );
+            return self.refuse("53400", &message);
+        }
+        let stmt = self.registry.statement(spec);
+        self.map.insert(name.into(), Arc::clone(&stmt));
+        self.out.clear();
+        if server.touch(&stmt.name) {
+            let undo = Undo::ClientParse {
+                name: name.into(),
+                stmt,
+                on_server: false,
+            };
+            self.expect
+                .push_back(Expect::Synthetic(Synthetic::ParseComplete, undo));
+            return Action::Replace;
+        }
+        self.prepare_on_server(&stmt, server, false);
+        let undo = Undo::ClientParse {
+            name: name.into(),
+            stmt,
+            on_server: true,
+        };
+        self.expect.push_back(Expect::Relay(Kind::Parse, undo));
+        Action::Replace
+    }
+
+    /// Appends to `out` what creates `stmt` on the server: Closes of statements evicted
+    /// to make room, a Close of the name itself (so a server that holds it after all does
+    /// not fail), and the Parse. With `hidden`, the Parse's answer is dropped; otherwise
+    /// the caller queues the expectation for it.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<Statement>,
+        server: &mut ServerStatements,
+        hidden: bool,
+    ) {
+        let stats = &self.registry.stats;
+        if let Some((evicted, ())) = server.lru.push(Arc::clone(&stmt.name), ()) {
+            if evicted != stmt.name {
+                stats.evictions.fetch_add(1, Ordering::Relaxed);
+                stats.server_statements.fetch_sub(1, Ordering::Relaxed);
+                close_statement(&mut self.out, &evicted);
+                self.expect
+                    .push_back(Expect::Hidden(Kind::Close, Undo::None));
+            }
+        }
+        stats.server_statements.fetch_add(1, Ordering::Relaxed);
+        stats.server_parses.fetch_add(1, Ordering::Relaxed);
+        close_statement(&mut self.out, &stmt.name);
+        self.expect
+            .push_back(Expect::Hidden(Kind::Close, Undo::None));
+        self.out.extend_from_slice(&stmt.parse);
+        if hidden {
+            self.expect.push_back(Expect::Hidden(
+                Kind::Parse,
+                Undo::ServerParse(Arc::clone(stmt)),
+            ));
+        }
+    }
+
+    /// Sends the server a Parse that fails at once, so it enters the same error state as
+    /// for the refused message, and gives the client `message` as the error.
+    fn refuse(&mut self, code: &str, message: &str) -> Action {
+        let mut error = BytesMut::new();
+        backend::error_response(&mut error, backend::Severity::Error, code, message);
+        self.out.clear();
+        let text = b"pgmux refused this statement\0";
+        let name = b"__pgmux_refused\0";
+        self.out.put_u8(tag::PARSE);
+        self.out.put_i32((4 + name.len() + text.len() + 2) as i32);
+        self.out.put_slice(name);
+        self.out.put_slice(text);
+        self.out.put_i16(0);
+        self.expect.push_back(Expect::Refused(error.freeze()));
+        Action::Replace
+    }
+
+    fn bind(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
+        let Some((portal, rest)) = cstr(body) else {
+            return Action::Forward;
+        };
+        let Some((name, params)) = cstr(rest) else {
+            return Action::Forward;
+        };
+        self.expect.push_back(Expect::Relay(Kind::Bind, Undo::None));
+        if name.is_empty() {
+            return Action::Forward;
+        }
+        self.out.clear();
+        let server_name = match self.map.get(name) {
+            Some(stmt) => {
+                let stmt = Arc::clone(stmt);
+                if !server.touch(&stmt.name) {
+                    // Keep the Bind's expectation behind the ones of what is sent first.
+                    let bind = self.expect.pop_back().expect("just pushed");
+                    self.prepare_on_server(&stmt, server, true);
+                    self.expect.push_back(bind);
+                }
+                stmt.name.clone()
+            }
+            None if name.starts_with(NAME_PREFIX.as_bytes()) => {
+                Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
+            }
+            None => return Action::Forward,
+        };
+        self.out.put_u8(tag::BIND);
+        self.out
+            .put_i32((4 + portal.len() + 1 + server_name.len() + 1 + params.len()) as i32);
+        self.out.put_slice(portal);
+        self.out.put_u8(0);
+        self.out.put_slice(server_name.as_bytes());
+        self.out.put_u8(0);
+        self.out.put_slice(params);
+        Action::Replace
+    }
+
+    fn describe(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
+        self.expect
+            .push_back(Expect::Relay(Kind::Describe, Undo::None));
+        let (Some(&b'S'), Some((name, _))) = (body.first(), cstr(&body[1.min(body.len())..]))
+        else {
+            return Action::Forward;
+        };
+        if name.is_empty() {
+            return Action::Forward;
+        }
+        self.out.clear();
+        let server_name = match self.map.get(name) {
+            Some(stmt) => {
+                let stmt = Arc::clone(stmt);
+                if !server.touch(&stmt.name) {
+                    let describe = self.expect.pop_back().expect("just pushed");
+                    self.prepare_on_server(&stmt, server, true);
+                    self.expect.push_back(describe);
+                }
+                stmt.name.clone()
+            }
+            None if name.starts_with(NAME_PREFIX.as_bytes()) => {
+                Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
+            }
+            None => return Action::Forward,
+        };
+        self.out.put_u8(tag::DESCRIBE);
+        self.out.put_i32((4 + 1 + server_name.len() + 1) as i32);
+        self.out.put_u8(b'S');
+        self.out.put_slice(server_name.as_bytes());
+        self.out.put_u8(0);
+        Action::Replace
+    }
+
+    fn close(&mut self, body: &[u8]) -> Action {
+        let (Some(&b'S'), Some((name, _))) = (body.first(), cstr(&body[1.min(body.len())..]))
+        else {
+            self.expect
+                .push_back(Expect::Relay(Kind::Close, Undo::None));
+            return Action::Forward;
+        };
+        if name.is_empty() {
+            self.expect
+                .push_back(Expect::Relay(Kind::Close, Undo::None));
+            return Action::Forward;
+        }
+        // The server-side statement stays for other clients; only the name goes. Closing
+        // a name that does not exist is no error in PostgreSQL either.
+        let undo = match self.map.remove_entry(name) {
+            Some((name, stmt)) => Undo::ClientClose { name, stmt },
+            None => Undo::None,
+        };
+        self.expect
+            .push_back(Expect::Synthetic(Synthetic::CloseComplete, undo));
+        self.out.clear();
+        Action::Replace
+    }
+
+    fn query(&mut self, body: &[u8]) -> Action {
+        let text = body.strip_suffix(b"\0").unwrap_or(body);
+        if let Some(name) = deallocate_target(text) {
+            if let Some((_, _)) = self.map.remove_entry(name.as_bytes()) {
+                // DEALLOCATE is not transactional, and the server-side statement stays
+                // for others: nothing for the server to do.
+                self.expect
+                    .push_back(Expect::Synthetic(Synthetic::Deallocated, Undo::None));
+                return Action::Answered;
+            }
+        }
+        self.expect
+            .push_back(Expect::Relay(Kind::Ready, Undo::None));
+        Action::Forward
+    }
+
+    /// Looks at a server message (`body` given for CommandComplete only, empty
+    /// otherwise) and says what the client gets of it.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        server: &mut Option<ServerStatements>,
+    ) -> Disposition {
+        match tag {
+            btag::NOTICE_RESPONSE | btag::PARAMETER_STATUS | btag::NOTIFICATION_RESPONSE => {
+                return Disposition::Keep
+            }
+            btag::ERROR_RESPONSE => return self.on_error(server),
+            btag::COMMAND_COMPLETE => self.command_complete(body, server),
+            btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => {
+                // Syncs sent behind the Execute that started COPY FROM STDIN are ignored
+                // by the server; the client sends another after CopyDone.
+                let mut i = 1;
+                while i < self.expect.len() {
+                    if matches!(self.expect[i], Expect::Relay(Kind::Sync, _)) {
+                        self.expect.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+        let Some(front) = self.expect.front() else {
+            return Disposition::Keep;
+        };
+        let (kind, hidden) = match front {
+            Expect::Relay(kind, _) => (*kind, false),
+            Expect::Hidden(kind, _) => (*kind, true),
+            Expect::Refused(_) => (Kind::Parse, false),
+            Expect::Synthetic(..) => return Disposition::Keep,
+        };
+        if tag == btag::READY_FOR_QUERY && !matches!(kind, Kind::Ready | Kind::Sync) {
+            // Answers went missing: take back everything up to the Sync this belongs to.
+            while let Some(entry) = self.expect.pop_front() {
+                let ready = matches!(entry, Expect::Relay(Kind::Ready | Kind::Sync, _));
+                self.undo(entry, server);
+                if ready {
+                    break;
+                }
+            }
+            return Disposition::Keep;
+        }
+        if !kind.ends_with(tag) {
+            return if hidden {
+                Disposition::Drop
+            } else {
+                Disposition::Keep
+            };
+        }
+        match self.expect.pop_front().expect("front exists") {
+            Expect::Relay(_, undo) | Expect::Hidden(_, undo) => {
+                if let Undo::ClientParse { stmt, .. } | Undo::ServerParse(stmt) = &undo {
+                    stmt.validated.store(true, Ordering::Relaxed);
+                }
+            }
+            Expect::Refused(_) | Expect::Synthetic(..) => {}
+        }
+        if hidden {
+            Disposition::Drop
+        } else {
+            Disposition::Keep
+        }
+    }
+
+    fn command_complete(&mut self, body: &[u8], server: &mut Option<ServerStatements>) {
+        let tag = body.strip_suffix(b"\0").unwrap_or(body);
+        match tag {
+            b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                self.map.clear();
+                self.forget_server(server);
+            }
+            // The client deallocated something by a name it never prepared through
+            // the protocol: it may have been one of pgmux's.
+            b"DEALLOCATE" => self.forget_server(server),
+            _ => {}
+        }
+    }
+
+    /// Forgets what the server holds. Always safe: pgmux closes a name before preparing
+    /// it, so a statement the server holds after all is no obstacle.
+    pub fn forget_server(&self, server: &mut Option<ServerStatements>) {
+        if let Some(s) = server.take() {
+            self.registry
+                .stats
+                .server_statements
+                .fetch_sub(s.len() as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn on_error(&mut self, server: &mut Option<ServerStatements>) -> Disposition {
+        let Some(front) = self.expect.front() else {
+            return Disposition::Keep;
+        };
+        if matches!(
+            front,
+            Expect::Relay(Kind::Ready | Kind::Sync, _) | Expect::Synthetic(..)
+        ) {
+            return Disposition::Keep;
+        }
+        let failed = self.expect.pop_front().expect("front exists");
+        let disposition = match &failed {
+            Expect::Refused(error) => {
+                self.out.clear();
+                self.out.extend_from_slice(error);
+                Disposition::Replace
+            }
+            _ => Disposition::Keep,
+        };
+        self.undo(failed, server);
+        // The server skips everything up to the next Sync.
+        while let Some(entry) = self.expect.front() {
+            if matches!(entry, Expect::Relay(Kind::Sync, _)) {
+                break;
+            }
+            let entry = self.expect.pop_front().expect("front exists");
+            self.undo(entry, server);
+        }
+        if self.expect.is_empty() {
+            self.skipping = true;
+        }
+        disposition
+    }
+
+    fn undo(&mut self, entry: Expect, server: &mut Option<ServerStatements>) {
+        let undo = match entry {
+            Expect::Relay(_, undo) | Expect::Hidden(_, undo) | Expect::Synthetic(_, undo) => undo,
+            Expect::Refused(_) => Undo::None,
+        };
+        let mut forget_on_server = |name: &str| {
+            if let Some(s) = server.as_mut() {
+                if s.lru.pop(name).is_some() {
+                    self.registry
+                        .stats
+                        .server_statements
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        };
+        match undo {
+            Undo::None => {}
+            Undo::ClientParse {
+                name,
+                stmt,
+                on_server,
+            } => {
+                if on_server {
+                    forget_on_server(&stmt.name);
+                }
+                if self.map.get(&name).is_some_and(|s| Arc::ptr_eq(s, &stmt)) {
+                    self.map.remove(&name);
+                }
+            }
+            Undo::ServerParse(stmt) => forget_on_server(&stmt.name),
+            Undo::ClientClose { name, stmt } => {
+                self.map.entry(name).or_insert(stmt);
+            }
+        }
+    }
+
+    /// Appends to `out` the answers pgmux owes the client at this point of the stream:
+    /// those of messages not sent, once every message before them has been answered.
+    /// `status` is the transaction status to report in a ReadyForQuery.
+    pub fn drain_synthetic(&mut self, status: u8, out: &mut BytesMut) {
+        while let Some(Expect::Synthetic(kind, _)) = self.expect.front() {
+            match kind {
+                Synthetic::ParseComplete => backend::parse_complete(out),
+                Synthetic::CloseComplete => backend::close_complete(out),
+                Synthetic::Deallocated => {
+                    backend::command_complete(out, "DEALLOCATE");
+                    backend::ready_for_query(out, status);
+                }
+            }
+            self.expect.pop_front();
+        }
+    }
+
+    /// Whether the next answer owed to the client is one of pgmux's own.
+    pub fn synthetic_due(&self) -> bool {
+        matches!(self.expect.front(), Some(Expect::Synthetic(..)))
+    }
+
+    /// Answers, without a server, a request made only of named Parses of statements
+    /// some server already accepted, Closes of statements, and Syncs, or a lone
+    /// simple-query DEALLOCATE of a statement the client holds; the answers are appended
+    /// to `reply`.
+    pub fn answer_locally(&mut self, pending: &[u8], reply: &mut BytesMut) -> Local {
+        // First pass: is everything answerable?
+        let mut at = 0;
+        let mut ends_with_sync = false;
+        let mut new_names: Vec<&[u8]> = Vec::new();
+        loop {
+            let (tag, len) = match crate::protocol::header(&pending[at..]) {
+                None => break,
+                Some(Ok(h)) => h,
+                Some(Err(_)) => return Local::NeedsServer,
+            };
+            if len > LOCAL_MESSAGE_MAX {
+                // Not worth holding back; the relay applies max_message_size.
+                return Local::NeedsServer;
+            }
+            if pending.len() < at + len {
+                return Local::Incomplete;
+            }
+            let body = &pending[at + 5..at + len];
+            ends_with_sync = false;
+            match tag {
+                tag::PARSE => {
+                    let Some((name, spec)) = cstr(body) else {
+                        return Local::NeedsServer;
+                    };
+                    if name.is_empty()
+                        || self.map.contains_key(name)
+                        || new_names.contains(&name)
+                        || self.map.len() + new_names.len() >= self.max
+                        || self.registry.validated(spec).is_none()
+                    {
+                        return Local::NeedsServer;
+                    }
+                    new_names.push(name);
+                }
+                tag::CLOSE => {
+                    if body.first() != Some(&b'S')
+                        || cstr(&body[1..]).is_none_or(|(n, _)| n.is_empty())
+                    {
+                        return Local::NeedsServer;
+                    }
+                }
+                tag::SYNC => ends_with_sync = true,
+                tag::QUERY if at == 0 && pending.len() == len => {
+                    let text = body.strip_suffix(b"\0").unwrap_or(body);
+                    let Some(name) = deallocate_target(text) else {
+                        return Local::NeedsServer;
+                    };
+                    if self.map.remove(name.as_bytes()).is_none() {
+                        return Local::NeedsServer;
+                    }
+                    backend::command_complete(reply, "DEALLOCATE");
+                    backend::ready_for_query(reply, b'I');
+                    return Local::Answered(len);
+                }
+                _ => return Local::NeedsServer,
+            }
+            at += len;
+        }
+        if !ends_with_sync {
+            // More of the request is on its way; the client waits for nothing before
+            // its Sync.
+            return Local::Incomplete;
+        }
+        // Second pass: do it.
+        let mut at = 0;
+        while let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) {
+            let body = &pending[at + 5..at + len];
+            match tag {
+                tag::PARSE => {
+                    let (name, spec) = cstr(body).expect("checked");
+                    let stmt = self.registry.validated(spec);
+                    let stmt = stmt.unwrap_or_else(|| self.registry.statement(spec));
+                    self.map.insert(name.into(), stmt);
+                    self.stats().client_parses.fetch_add(1, Ordering::Relaxed);
+                    self.stats().local_answers.fetch_add(1, Ordering::Relaxed);
+                    backend::parse_complete(reply);
+                }
+                tag::CLOSE => {
+                    let (name, _) = cstr(&body[1..]).expect("checked");
+                    self.map.remove(name);
+                    backend::close_complete(reply);
+                }
+                _ => backend::ready_for_query(reply, b'I'),
+            }
+            at += len;
+        }
+        Local::Answered(at)
+    }
+}
+
+/// The outcome of [`ClientStatements::answer_locally`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Local {
+    /// Answered: this many bytes of the request were consumed.
+    Answered(usize),
+    /// Answerable so far, but not complete: read more first.
+    Incomplete,
+    NeedsServer,
+}
+
+fn close_statement(out: &mut BytesMut, name: &str) {
+    out.put_u8(tag::CLOSE);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+/// The statement name of a simple-query `DEALLOCATE [PREPARE] name`, as PostgreSQL
+/// would look it up (unquoted names folded to lower case). `ALL` is not a name.
+fn deallocate_target(text: &[u8]) -> Option<String> {
+    let first = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| &text[i..])?;
+    if first.len() < 10 || !first[..10].eq_ignore_ascii_case(b"deallocate") {
+        return None;
+    }
+    crate::sql::deallocate_name(std::str::from_utf8(text).ok()?)
+}

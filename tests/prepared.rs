@@ -1,0 +1,339 @@
+//! Protocol-level prepared statements in transaction mode: statements follow their
+//! client from server to server, and errors keep PostgreSQL's meaning.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+
+async fn setup(prefix: &str, general: &str) -> (String, pgmux::Running) {
+    let clusters = cluster::shared();
+    let db = fresh_db(&clusters.primary, prefix);
+    let mux = start_pgmux(&config_text(&clusters.primary, &db, general, "")).await;
+    (db, mux)
+}
+
+fn stats(mux: &pgmux::Running, db: &str) -> (u64, u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let registry = mux.app.prepared_stats(db, "app").expect("pool exists");
+    let s = &registry.stats;
+    (
+        s.client_parses.load(Relaxed),
+        s.server_parses.load(Relaxed),
+        s.evictions.load(Relaxed),
+        s.local_answers.load(Relaxed),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_prepared_on_one_server_runs_on_another() {
+    let (db, mux) = setup("prep_move", "default_pool_size = 2\nauth_type = \"trust\"").await;
+    let a = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let stmt = a
+        .prepare("SELECT pg_backend_pid(), $1::int + 1")
+        .await
+        .unwrap();
+    // Another client takes the only open server and keeps it inside a transaction...
+    let mut b = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let tx = b.transaction().await.unwrap();
+    let held: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // ...so the statement runs on a second server, which never saw the client's Parse.
+    let row = a.query_one(&stmt, &[&41i32]).await.unwrap();
+    let ran_on: i32 = row.get(0);
+    assert_eq!(row.get::<_, i32>(1), 42);
+    assert_ne!(
+        ran_on, held,
+        "the statement ran on the server the other client holds"
+    );
+    tx.commit().await.unwrap();
+    // And back on the first server, now free again, once the second is busy.
+    let mut c = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.query_one("SELECT 1", &[]).await.unwrap();
+    for n in 0..5 {
+        let row = a.query_one(&stmt, &[&n]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(1), n + 1);
+    }
+    tx.commit().await.unwrap();
+    let (client_parses, server_parses, _, _) = stats(&mux, &db);
+    assert!(client_parses >= 1);
+    assert!(
+        server_parses >= 2,
+        "prepared on both servers: {server_parses}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_from_many_clients_share_statements() {
+    let (db, mux) = setup("prep_pipe", "default_pool_size = 2\nauth_type = \"trust\"").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let db = db.clone();
+        let addr = mux.addr;
+        tasks.push(tokio::spawn(async move {
+            let client = connect(addr, "app", "unused", &db).await?;
+            for round in 0..10 {
+                // Several queries in flight at once on one connection: tokio-postgres
+                // pipelines them, so Parse, Describe, Bind and Execute interleave.
+                let queries = (0..4).map(|k| {
+                    let client = &client;
+                    async move {
+                        let v: i32 = client
+                            .query_one("SELECT $1::int * 2", &[&(i * 100 + round * 4 + k)])
+                            .await?
+                            .get(0);
+                        assert_eq!(v, (i * 100 + round * 4 + k) * 2);
+                        let s: String = client
+                            .query_one("SELECT $1::text || 'x'", &[&format!("{i}")])
+                            .await?
+                            .get(0);
+                        assert_eq!(s, format!("{i}x"));
+                        Ok::<_, tokio_postgres::Error>(())
+                    }
+                });
+                futures_util::future::try_join_all(queries).await?;
+                // A statement prepared, used and dropped (Close) every round.
+                let stmt = client.prepare(&format!("SELECT {round} + $1::int")).await?;
+                let v: i32 = client.query_one(&stmt, &[&i]).await?.get(0);
+                assert_eq!(v, round + i);
+                drop(stmt);
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("finishes in time")
+            .unwrap()
+            .expect("no prepared-statement error");
+    }
+    let (client_parses, server_parses, _, _) = stats(&mux, &db);
+    assert!(
+        server_parses < client_parses,
+        "servers parse less than clients do: {server_parses} vs {client_parses}"
+    );
+}
+
+/// Sends `messages` on a raw connection and reads up to the next ReadyForQuery.
+async fn round_trip(stream: &mut tokio::net::TcpStream, messages: BytesMut) -> Vec<(u8, Vec<u8>)> {
+    stream.write_all(&messages).await.unwrap();
+    read_until_ready(stream).await
+}
+
+fn parse(buf: &mut BytesMut, name: &str, query: &str) {
+    frontend::parse(name, query, std::iter::empty(), buf).unwrap();
+}
+
+fn bind_execute(buf: &mut BytesMut, name: &str) {
+    frontend::bind(
+        "",
+        name,
+        std::iter::empty::<i16>(),
+        std::iter::empty::<i32>(),
+        |_: i32,
+         _: &mut BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        Some(0),
+        buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, buf).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_keep_their_meaning() {
+    let (db, mux) = setup("prep_err", "default_pool_size = 2\nauth_type = \"trust\"").await;
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+
+    // Bind of a statement never prepared: 26000, as from PostgreSQL.
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "never");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "EZ");
+    assert_eq!(error_code(&answer[0].1), "26000");
+
+    // A duplicate name: 42P05, and the rest of the batch is skipped up to Sync.
+    let mut m = BytesMut::new();
+    parse(&mut m, "a", "SELECT 1");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "1Z");
+    let mut m = BytesMut::new();
+    parse(&mut m, "a", "SELECT 2");
+    bind_execute(&mut m, "a");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "EZ");
+    assert_eq!(error_code(&answer[0].1), "42P05");
+    assert!(
+        String::from_utf8_lossy(&answer[0].1).contains("prepared statement \"a\" already exists")
+    );
+    // The first definition stands.
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "a");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "2DCZ");
+    assert_eq!(&answer[1].1[6..], b"1");
+
+    // An error early in a pipeline: the statements after it were never created.
+    let mut m = BytesMut::new();
+    parse(&mut m, "bad", "SELEKT 1");
+    parse(&mut m, "b", "SELECT 'b'");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "EZ");
+    assert_eq!(error_code(&answer[0].1), "42601");
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "b");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(error_code(&answer[0].1), "26000", "{answer:?}");
+    // So the name is free to be prepared now.
+    let mut m = BytesMut::new();
+    parse(&mut m, "b", "SELECT 'b2'");
+    bind_execute(&mut m, "b");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12DCZ");
+    assert_eq!(&answer[2].1[6..], b"b2");
+
+    // Inside a transaction block, a refused Parse fails the block as PostgreSQL would.
+    let mut m = BytesMut::new();
+    frontend::query("BEGIN", &mut m).unwrap();
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(answer.last().unwrap().1, b"T");
+    let mut m = BytesMut::new();
+    parse(&mut m, "a", "SELECT 3");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(error_code(&answer[0].1), "42P05");
+    assert_eq!(answer.last().unwrap().1, b"E", "transaction failed");
+    let mut m = BytesMut::new();
+    frontend::query("ROLLBACK", &mut m).unwrap();
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(answer.last().unwrap().1, b"I");
+
+    // Close, then the name may be reused; DEALLOCATE and DISCARD ALL drop names too.
+    let mut m = BytesMut::new();
+    frontend::close(b'S', "a", &mut m).unwrap();
+    parse(&mut m, "a", "SELECT 'new a'");
+    bind_execute(&mut m, "a");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "312DCZ");
+    assert_eq!(&answer[3].1[6..], b"new a");
+    let mut m = BytesMut::new();
+    frontend::query("DEALLOCATE a", &mut m).unwrap();
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "CZ");
+    assert_eq!(answer[0].1, b"DEALLOCATE\0");
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "a");
+    frontend::sync(&mut m);
+    assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+    let mut m = BytesMut::new();
+    parse(&mut m, "c", "SELECT 'c'");
+    frontend::sync(&mut m);
+    frontend::query("DISCARD ALL", &mut m).unwrap();
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "1Z");
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(tags(&answer), "CZ");
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "c");
+    frontend::sync(&mut m);
+    assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+
+    // Every other client is unaffected, and the servers are clean.
+    let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let v: i32 = other
+        .query_one("SELECT $1::int", &[&5])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_evict_least_recently_used_statements() {
+    let (db, mux) = setup(
+        "prep_lru",
+        "default_pool_size = 1\nauth_type = \"trust\"\nmax_prepared_statements = 2\nmax_client_prepared_statements = 5",
+    )
+    .await;
+    let client = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let mut stmts = Vec::new();
+    for i in 0..5 {
+        stmts.push(
+            client
+                .prepare(&format!("SELECT {i} + $1::int"))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..3 {
+        for (i, stmt) in stmts.iter().enumerate() {
+            let v: i32 = client.query_one(stmt, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, i as i32 + round);
+        }
+    }
+    let (_, _, evictions, _) = stats(&mux, &db);
+    assert!(evictions >= 3, "evictions: {evictions}");
+    // A simple query, so that counting prepares no sixth statement.
+    let held: i64 = simple_value(&client, "SELECT count(*) FROM pg_prepared_statements")
+        .await
+        .expect("a count")
+        .parse()
+        .unwrap();
+    assert!(
+        held <= 2,
+        "the server holds {held} statements with a cap of 2"
+    );
+
+    // One statement past the client's own cap is refused with a clear error.
+    let err = client.prepare("SELECT 'one too many'").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53400"), "{err}");
+    assert!(message(&err).contains("max_client_prepared_statements"));
+    // Dropping one makes room again.
+    stmts.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.prepare("SELECT 'fits now'").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_while_idle_needs_no_server() {
+    let (db, mux) = setup("prep_local", "default_pool_size = 1\nauth_type = \"trust\"").await;
+    // Someone prepares the text once, so it is known to be valid.
+    let first = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    // The statement is kept: the text stays known while some client holds it.
+    let _kept = first.prepare("SELECT $1::int + 100").await.unwrap();
+    // The only server is now held mid-transaction by another client...
+    let mut holder = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.query_one("SELECT 1", &[]).await.unwrap();
+    // ...and a Parse+Sync of the same text is still answered at once.
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    let mut m = BytesMut::new();
+    parse(&mut m, "p", "SELECT $1::int + 100");
+    frontend::sync(&mut m);
+    let answer = tokio::time::timeout(Duration::from_secs(2), round_trip(&mut s, m))
+        .await
+        .expect("answered without waiting for a server");
+    assert_eq!(tags(&answer), "1Z");
+    let (_, _, _, local) = stats(&mux, &db);
+    assert_eq!(local, 1);
+    tx.commit().await.unwrap();
+}
