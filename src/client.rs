@@ -23,8 +23,9 @@ use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
+use crate::routing::classify::{self, Opening};
 use crate::server::Server;
-use crate::App;
+use crate::{App, Pools};
 
 /// Memory an idle client keeps for its read buffer; more is given back after a burst.
 const IDLE_BUFFER: usize = 4 * 1024;
@@ -62,10 +63,15 @@ async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
     let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
     let mut client = match login {
         Ok(Ok(Some(session))) => Client {
-            statements: prepared_statements(&session.pool, session.mode),
+            statements: prepared_statements(&session.pools.primary, session.mode),
             stream,
             flow: Flow::default(),
-            pool: session.pool,
+            pool: Arc::clone(&session.pools.primary),
+            route: Route {
+                alias: session.alias,
+                ..Route::default()
+            },
+            pools: session.pools,
             mode: session.mode,
             params: session.params,
             reported: session.reported,
@@ -130,14 +136,49 @@ struct Client {
     tracker: Tracker,
     /// Protocol-level prepared statements, kept by pgmux in transaction mode.
     statements: Option<ClientStatements>,
+    /// The primary pool and, where the database has replicas, theirs.
+    pools: Arc<Pools>,
+    route: Route,
     cancel: SlotGuard,
     /// Keeps the max_client_conn count until the client is gone.
     _admission: crate::Admission,
 }
 
+/// What read routing remembers about a client between transactions.
+#[derive(Debug, Default)]
+struct Route {
+    /// The client connected through a `read_only_alias`: a read-only session.
+    alias: bool,
+    /// When the client's last transaction on the primary ended, and once known, the
+    /// primary position that covers it: its reads need a replica that has replayed it.
+    last_write: Option<(std::time::Instant, Option<u64>)>,
+    /// A bare `BEGIN` pgmux answered itself; it is sent to whichever server the next
+    /// statement chooses.
+    deferred_begin: Option<String>,
+}
+
+/// Where one transaction (or, in session mode, the session) runs.
+struct Choice {
+    pool: Arc<Pool>,
+    /// Judged read-only: it cannot have written, wherever it runs.
+    read_only: bool,
+}
+
+/// What the statement opening a transaction says about it.
+struct Access {
+    /// It cannot write, wherever it runs.
+    read_only: bool,
+    /// A replica can run it.
+    on_replica: bool,
+}
+
+/// Largest Query or Parse held back whole so its statement can be classified.
+const CLASSIFY_MAX: usize = 64 * 1024;
+
 /// What login establishes for the session.
 struct Session {
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
+    alias: bool,
     mode: PoolMode,
     params: Arc<ParamSet>,
     reported: Vec<(String, String)>,
@@ -172,15 +213,32 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         .filter(|u| !u.is_empty())
         .ok_or_else(|| Error::ClientProtocol("no PostgreSQL user name specified".into()))?
         .to_string();
-    let database = startup.get("database").unwrap_or(&user).to_string();
-    let params = startup_params(&startup)?;
+    let requested = startup.get("database").unwrap_or(&user).to_string();
+    let (database, alias) = app.resolve_database(&requested);
+    let database = database.to_string();
+    let mut params = startup_params(&startup)?;
+    if alias {
+        // Clients of the read-only name get the session a standby would give them.
+        params.set(
+            "default_transaction_read_only",
+            ParamValue::Value("on".into()),
+        );
+    }
 
     let creds = app.users.get(&user);
     crate::auth::authenticate(stream, app.config.pgmux.auth_type, &user, creds).await?;
 
-    let pool = app.pool(&database, &user)?;
-    let reported = pool.reported_params().await?;
-    let reported = greeting_params(&reported, &startup);
+    let pools = app.pool(&database, &user)?;
+    let reported = pools.primary.reported_params().await?;
+    let mut reported = greeting_params(&reported, &startup);
+    if alias {
+        for (name, value) in [
+            ("default_transaction_read_only", "on"),
+            ("in_hot_standby", "on"),
+        ] {
+            relay::remember_reported(&mut reported, name, value);
+        }
+    }
 
     let cancel = app.cancels.register();
     backend::authentication_ok(&mut out);
@@ -192,10 +250,11 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
     stream.write_all(&out).await.map_err(Error::ClientIo)?;
     debug!(user = %user, database = %database, "client logged in");
 
-    pool.client_connected();
-    let mode = pool.settings().mode;
+    pools.primary.client_connected();
+    let mode = pools.primary.settings().mode;
     Ok(Some(Session {
-        pool,
+        pools,
+        alias,
         mode,
         params: Arc::new(params),
         reported,
@@ -334,8 +393,9 @@ impl Client {
             if !self.wait_for_request(app).await? {
                 return Ok(());
             }
-            let mut server = self.attach().await?;
-            let pool = Arc::clone(&self.pool);
+            let choice = self.choose(app).await?;
+            let pool = choice.pool;
+            let mut server = self.attach(&pool).await?;
             let limits = self.limits(app, &pool);
             let end = relay::run(
                 ClientEnd {
@@ -351,14 +411,17 @@ impl Client {
                 &mut CancelOnTimeout,
             )
             .await;
+            if !choice.read_only && self.pools.router.is_some() {
+                self.route.last_write = Some((std::time::Instant::now(), None));
+            }
             match end {
-                Ok(End::Boundary) => self.detach(server).await,
+                Ok(End::Boundary) => self.detach(server, &pool).await,
                 Ok(End::Terminate) | Ok(End::ClientClosed) => {
-                    self.detach(server).await;
+                    self.detach(server, &pool).await;
                     return Ok(());
                 }
                 Err(e) => {
-                    self.detach(server).await;
+                    self.detach(server, &pool).await;
                     return Err(e);
                 }
             }
@@ -374,20 +437,37 @@ impl Client {
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                let routing = self.routes_transactions();
+                let whole = usize::try_from(len).is_ok_and(|len| self.flow.pending().len() > len);
                 let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
                     (tag::SYNC, 4) => {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
-                        backend::ready_for_query(&mut out, b'I');
+                        let status = if self.route.deferred_begin.is_some() {
+                            b'T'
+                        } else {
+                            b'I'
+                        };
+                        backend::ready_for_query(&mut out, status);
                         self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
                         true
                     }
+                    // The statement that opens a transaction chooses its server: read
+                    // all of it first.
+                    (tag::QUERY | tag::PARSE | tag::BIND, _)
+                        if routing && !whole && (len as usize) <= CLASSIFY_MAX =>
+                    {
+                        false
+                    }
+                    (tag::QUERY, _) if routing && whole && self.answer_bare_begin().await? => true,
                     (tag::FLUSH, 4) => {
                         self.flow.buf.advance(5);
                         true
                     }
-                    (tag::PARSE | tag::CLOSE | tag::QUERY, _) if self.statements.is_some() => {
+                    (tag::PARSE | tag::CLOSE | tag::QUERY, _)
+                        if self.statements.is_some() && self.route.deferred_begin.is_none() =>
+                    {
                         let statements = self.statements.as_mut().expect("checked");
                         let mut reply = BytesMut::new();
                         match statements.answer_locally(self.flow.pending(), &mut reply) {
@@ -431,13 +511,194 @@ impl Client {
         }
     }
 
-    /// Takes a server for the client and brings its session parameters in line.
-    async fn attach(&mut self) -> Result<Server> {
-        let mut server = self.pool.checkout().await?;
+    /// Whether this client's transactions are routed one by one between the primary and
+    /// replicas.
+    fn routes_transactions(&self) -> bool {
+        self.pools.router.is_some() && self.mode == PoolMode::Transaction
+    }
+
+    /// Answers a lone bare `BEGIN` itself, so that the statement after it can still
+    /// choose the server (`SET TRANSACTION READ ONLY` goes to a replica). Returns whether
+    /// it did.
+    async fn answer_bare_begin(&mut self) -> Result<bool> {
+        let pending = self.flow.pending();
+        let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
+        if self.route.deferred_begin.is_some() || pending.len() != len + 1 {
+            return Ok(false);
+        }
+        let body = &pending[5..=len];
+        let text = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body));
+        if !classify::opening(&text).is_bare_begin() {
+            return Ok(false);
+        }
+        self.route.deferred_begin = Some(text.into_owned());
+        self.flow.buf.advance(len + 1);
+        let mut out = BytesMut::new();
+        backend::command_complete(&mut out, "BEGIN");
+        backend::ready_for_query(&mut out, b'T');
+        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        Ok(true)
+    }
+
+    /// Whether the session is read-only: a `read_only_alias` client, or one whose
+    /// `default_transaction_read_only` is on.
+    fn session_read_only(&self) -> bool {
+        self.route.alias
+            || match self.params.get("default_transaction_read_only") {
+                Some(ParamValue::Value(v)) => classify::is_on(v),
+                Some(ParamValue::Statement(s)) => {
+                    s.rsplit([' ', '=']).next().is_some_and(classify::is_on)
+                }
+                None => false,
+            }
+    }
+
+    /// Whether the request waiting in the buffer opens a read-only transaction, and
+    /// whether a replica can run it.
+    fn pending_access(&self) -> Access {
+        let pending = self.flow.pending();
+        let text = match pending.first() {
+            Some(&tag::QUERY) | Some(&tag::PARSE) if pending.len() > 5 => {
+                let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                let body = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| pending.get(5..len + 1))
+                    .unwrap_or_default();
+                if pending[0] == tag::QUERY {
+                    Some(body.strip_suffix(b"\0").unwrap_or(body))
+                } else {
+                    relay::parse_query_text(body)
+                }
+            }
+            // A Bind of a statement prepared earlier: its text is known to pgmux.
+            Some(&tag::BIND) if pending.len() > 5 => {
+                let statement = crate::protocol::cstr(&pending[5..])
+                    .and_then(|(_portal, rest)| crate::protocol::cstr(rest))
+                    .map(|(name, _)| name);
+                match (statement, &self.statements) {
+                    (Some(name), Some(statements)) if !name.is_empty() => statements.query_of(name),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let opening = text.map_or(Opening::Other, |t| {
+            classify::opening(&String::from_utf8_lossy(t))
+        });
+        let in_block = self.route.deferred_begin.is_some();
+        let replica = |read_only| Access {
+            read_only,
+            on_replica: read_only && !self.serializable_by_default(),
+        };
+        match opening {
+            Opening::BeginReadOnly => replica(true),
+            Opening::SerializableReadOnly => Access {
+                read_only: true,
+                on_replica: false,
+            },
+            Opening::SetReadOnly => replica(in_block || self.session_read_only()),
+            // A standby refuses read-write transactions; so does the read-only name.
+            Opening::BeginReadWrite | Opening::SetReadWrite => replica(self.route.alias),
+            Opening::BeginDefault | Opening::Other => replica(self.session_read_only()),
+        }
+    }
+
+    /// Whether the session's transactions are SERIALIZABLE unless they say otherwise,
+    /// which a hot standby refuses.
+    fn serializable_by_default(&self) -> bool {
+        match self.params.get("default_transaction_isolation") {
+            Some(ParamValue::Value(v) | ParamValue::Statement(v)) => {
+                v.to_ascii_lowercase().contains("serializable")
+            }
+            None => false,
+        }
+    }
+
+    /// Chooses the server for the request waiting in the buffer: a replica for a
+    /// read-only transaction when one is eligible, the primary otherwise.
+    async fn choose(&mut self, app: &Arc<App>) -> Result<Choice> {
+        let primary = |read_only| Choice {
+            pool: Arc::clone(&self.pools.primary),
+            read_only,
+        };
+        let Some(router) = self.pools.router.clone() else {
+            return Ok(primary(false));
+        };
+        let access = match self.mode {
+            PoolMode::Transaction => self.pending_access(),
+            PoolMode::Session => Access {
+                read_only: self.session_read_only(),
+                on_replica: self.session_read_only() && !self.serializable_by_default(),
+            },
+        };
+        if !access.on_replica {
+            router.count(false, None);
+            return Ok(primary(access.read_only));
+        }
+        let deadline = tokio::time::Instant::now() + app.config.pgmux.query_wait_timeout;
+        loop {
+            let min_lsn = match &mut self.route.last_write {
+                Some((at, lsn)) if router.settings.read_your_writes => {
+                    if lsn.is_none() {
+                        *lsn = router.position_after(*at);
+                    }
+                    // No sample after the write yet: no replica can be shown to have it.
+                    Some(lsn.unwrap_or(u64::MAX))
+                }
+                _ => None,
+            };
+            let replicas = &self.pools.replicas;
+            let fallback = match router.pick(min_lsn, |i| replicas[i].in_use()) {
+                Ok(i) => {
+                    router.count(true, None);
+                    return Ok(Choice {
+                        pool: Arc::clone(&replicas[i]),
+                        read_only: true,
+                    });
+                }
+                Err(fallback) => fallback,
+            };
+            let wait = router.settings.fallback == crate::config::ReplicaFallback::Wait;
+            if !wait {
+                router.count(false, Some(fallback));
+                debug!(reason = ?fallback, "read-only transaction runs on the primary");
+                return Ok(primary(true));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                router.count(false, Some(fallback));
+                return Err(Error::NoReplica(app.config.pgmux.query_wait_timeout));
+            }
+            let poll = router
+                .settings
+                .interval
+                .min(std::time::Duration::from_millis(50));
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Takes a server from `pool` for the client and brings its session parameters in
+    /// line; sends a `BEGIN` pgmux answered earlier.
+    async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Server> {
+        let mut server = pool.checkout().await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });
-            self.pool.release(server, clean);
+            pool.release(server, clean);
             return Err(e);
+        }
+        if let Some(begin) = self.route.deferred_begin.take() {
+            let outcome = server.run_quietly(&begin).await;
+            match outcome {
+                Ok(o) if o.error.is_none() && o.status == b'T' => self.tracker.began(),
+                _ => {
+                    // The client was told its block is open, and it is not: nothing
+                    // pgmux can say keeps that session consistent.
+                    let clean = matches!(outcome, Ok(ref o) if o.status == b'I');
+                    pool.release(server, clean);
+                    return Err(Error::ServerProtocol(
+                        "the server refused a BEGIN pgmux had already confirmed".into(),
+                    ));
+                }
+            }
         }
         self.cancel.slot.set_target(Some(server.cancel_key.clone()));
         Ok(server)
@@ -480,7 +741,7 @@ impl Client {
 
     /// Gives the server back: clean if the client left it at a boundary, rolled back if
     /// it left mid-transaction but quiet, closed otherwise.
-    async fn detach(&mut self, mut server: Server) {
+    async fn detach(&mut self, mut server: Server, pool: &Arc<Pool>) {
         self.cancel.slot.set_target(None);
         server.params = Arc::clone(&self.params);
         if let Some(statements) = self.statements.as_mut() {
@@ -491,7 +752,7 @@ impl Client {
             statements.reset_request();
         }
         let clean = self.make_clean(&mut server).await;
-        self.pool.release(server, clean);
+        pool.release(server, clean);
         self.tracker = Tracker::default();
     }
 

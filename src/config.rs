@@ -151,6 +151,50 @@ pub struct Database {
     /// Overrides `max_db_connections` for this database.
     #[serde(default)]
     pub max_db_connections: Option<usize>,
+    /// Streaming replicas (`"host:port"`) that serve read-only transactions.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// A replica further behind the primary than this gets no reads.
+    #[serde(default = "defaults::max_replica_lag", with = "duration")]
+    pub max_replica_lag: Duration,
+    /// A replica further behind than this many bytes of WAL gets no reads; unset = no
+    /// byte bound.
+    #[serde(default)]
+    pub max_replica_lag_bytes: Option<u64>,
+    /// How often the primary's WAL position and each replica's replay position are read.
+    #[serde(default = "defaults::lag_check_interval", with = "duration")]
+    pub lag_check_interval: Duration,
+    /// After a client's transaction on the primary, its read-only transactions go only
+    /// to replicas that have replayed that transaction.
+    #[serde(default = "defaults::read_your_writes")]
+    pub read_your_writes: bool,
+    /// A second database name for the same servers whose clients are read-only sessions.
+    #[serde(default)]
+    pub read_only_alias: Option<String>,
+    /// What a read-only transaction does when no replica is eligible.
+    #[serde(default = "defaults::replica_fallback")]
+    pub replica_fallback: ReplicaFallback,
+    /// The user the lag probes log in as; defaults to the first user in `[users]`.
+    #[serde(default)]
+    pub lag_check_user: Option<String>,
+}
+
+/// What a read-only transaction does when no replica is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaFallback {
+    /// Run on the primary.
+    Primary,
+    /// Wait for a replica to become eligible, up to `query_wait_timeout`.
+    Wait,
+}
+
+/// Splits `"host:port"` (IPv6 hosts in brackets).
+pub fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
 }
 
 impl Database {
@@ -237,6 +281,42 @@ impl Config {
             }
             if db.port == 0 {
                 return Err(invalid(&key("port"), "must be a TCP port"));
+            }
+            for replica in &db.replicas {
+                if split_host_port(replica).is_none() {
+                    return Err(invalid(
+                        &key("replicas"),
+                        "entries must look like \"host:port\"",
+                    ));
+                }
+            }
+            if db.lag_check_interval.is_zero() {
+                return Err(invalid(&key("lag_check_interval"), "must be positive"));
+            }
+            if let Some(alias) = &db.read_only_alias {
+                if alias == crate::ADMIN_DATABASE
+                    || alias == name
+                    || self.databases.contains_key(alias)
+                    || self.databases.iter().any(|(other, d)| {
+                        other != name && d.read_only_alias.as_ref() == Some(alias)
+                    })
+                {
+                    return Err(invalid(
+                        &key("read_only_alias"),
+                        "must differ from every database name and every other alias",
+                    ));
+                }
+            }
+            if let Some(user) = &db.lag_check_user {
+                if !self.users.contains_key(user) {
+                    return Err(invalid(&key("lag_check_user"), "is not a user in [users]"));
+                }
+            }
+            if !db.replicas.is_empty() && self.users.is_empty() {
+                return Err(invalid(
+                    &key("replicas"),
+                    "lag probes need a user in [users]",
+                ));
             }
         }
         for (name, user) in &self.users {
@@ -347,6 +427,18 @@ mod defaults {
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn max_replica_lag() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn lag_check_interval() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub fn read_your_writes() -> bool {
+        true
+    }
+    pub fn replica_fallback() -> ReplicaFallback {
+        ReplicaFallback::Primary
+    }
     pub fn host() -> String {
         "127.0.0.1".to_string()
     }
@@ -424,6 +516,29 @@ mod tests {
         let config = Config::parse(MINIMAL).unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn replica_settings_parse_and_validate() {
+        let text = MINIMAL.replace(
+            "port = 5433",
+            "port = 5433\nreplicas = [\"127.0.0.1:5434\", \"[::1]:5435\"]\nmax_replica_lag = \"500ms\"\nread_only_alias = \"appdb_ro\"",
+        );
+        let config = Config::parse(&text).unwrap();
+        let db = &config.databases["appdb"];
+        assert_eq!(db.replicas.len(), 2);
+        assert_eq!(db.max_replica_lag, Duration::from_millis(500));
+        assert_eq!(db.lag_check_interval, Duration::from_millis(100));
+        assert!(db.read_your_writes);
+        assert_eq!(db.replica_fallback, ReplicaFallback::Primary);
+        assert_eq!(split_host_port("[::1]:5435"), Some(("::1".into(), 5435)));
+
+        let bad = MINIMAL.replace("port = 5433", "port = 5433\nreplicas = [\"nowhere\"]");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("databases.appdb.replicas"), "{err}");
+        let bad = MINIMAL.replace("port = 5433", "port = 5433\nread_only_alias = \"appdb\"");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("read_only_alias"), "{err}");
     }
 
     #[test]

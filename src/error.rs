@@ -42,6 +42,10 @@ pub enum Error {
     /// The server sent something that breaks the protocol.
     #[error("server protocol violation: {0}")]
     ServerProtocol(String),
+    /// A read-only transaction found no replica eligible within query_wait_timeout,
+    /// and `replica_fallback = "wait"` forbids the primary.
+    #[error("no replica within max_replica_lag became available within query_wait_timeout ({})", humantime::format_duration(*.0))]
+    NoReplica(Duration),
     #[error("pgmux is shutting down")]
     Shutdown,
 }
@@ -66,9 +70,9 @@ impl Error {
             ),
             UnknownDatabase(db) => fatal("3D000", format!("database \"{db}\" does not exist")),
             TooManyClients => fatal("53300", "sorry, too many clients already".to_string()),
-            PoolTimeout(_) | IdleTransactionTimeout(_) | Shutdown => {
+            PoolTimeout(_) | NoReplica(_) | IdleTransactionTimeout(_) | Shutdown => {
                 let code = match self {
-                    PoolTimeout(_) => "57014",
+                    PoolTimeout(_) | NoReplica(_) => "57014",
                     IdleTransactionTimeout(_) => "25P03",
                     _ => "57P01",
                 };
@@ -103,6 +107,7 @@ impl Error {
             UnknownDatabase(_) => "unknown_database",
             TooManyClients => "too_many_clients",
             PoolTimeout(_) => "query_wait_timeout",
+            NoReplica(_) => "no_replica",
             IdleTransactionTimeout(_) => "idle_transaction_timeout",
             Connect { .. } => "server_connect",
             ServerLogin { .. } => "server_login",

@@ -18,6 +18,7 @@ pub mod prepared;
 pub mod protocol;
 pub mod random;
 pub mod relay;
+pub mod routing;
 pub mod server;
 pub mod sql;
 
@@ -44,13 +45,26 @@ pub const ADMIN_DATABASE: &str = "pgmux";
 pub struct App {
     pub config: Config,
     users: HashMap<String, Credentials>,
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    pools: Mutex<HashMap<(String, String), Arc<Pools>>>,
     /// One `max_db_connections` budget per database, shared by its users' pools.
     db_limits: HashMap<String, Arc<pool::DbLimit>>,
+    /// The same budget for each replica of a database, in `replicas` order.
+    replica_limits: HashMap<String, Vec<Arc<pool::DbLimit>>>,
+    /// Read routing of each database that has replicas.
+    routers: HashMap<String, Arc<routing::Router>>,
+    /// `read_only_alias` names, to the database they stand for.
+    aliases: HashMap<String, String>,
     cancels: Arc<cancel::Registry>,
     clients: Arc<AtomicUsize>,
     /// Cancelled when pgmux starts shutting down.
     pub shutdown: CancellationToken,
+}
+
+/// The pools of one (database, user) pair: the primary's, and one per replica.
+pub struct Pools {
+    pub primary: Arc<Pool>,
+    pub replicas: Vec<Arc<Pool>>,
+    pub router: Option<Arc<routing::Router>>,
 }
 
 /// A client's place under `max_client_conn`, given back on drop.
@@ -77,11 +91,67 @@ impl App {
                 (name.clone(), limit)
             })
             .collect();
+        let replica_limits = config
+            .databases
+            .iter()
+            .map(|(name, db)| {
+                let max = config.max_db_connections(db);
+                let limits = db
+                    .replicas
+                    .iter()
+                    .map(|_| pool::DbLimit::new(max))
+                    .collect();
+                (name.clone(), limits)
+            })
+            .collect();
+        let routers = config
+            .databases
+            .iter()
+            .filter(|(_, db)| !db.replicas.is_empty())
+            .map(|(name, db)| {
+                let user = db
+                    .lag_check_user
+                    .clone()
+                    .or_else(|| config.users.keys().next().cloned())
+                    .expect("validated: routing needs a user");
+                let password = config.users[&user].password.clone();
+                let target = |host: &str, port: u16| server::Target {
+                    host: host.to_string(),
+                    port,
+                    dbname: db.server_dbname(name).to_string(),
+                    user: user.clone(),
+                    password: password.clone(),
+                };
+                let replicas = db
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let (host, port) = config::split_host_port(r).expect("validated");
+                        target(&host, port)
+                    })
+                    .collect();
+                let router = routing::Router::start(
+                    name,
+                    routing::RoutingSettings::from_config(db),
+                    target(&db.host, db.port),
+                    replicas,
+                );
+                (name.clone(), router)
+            })
+            .collect();
+        let aliases = config
+            .databases
+            .iter()
+            .filter_map(|(name, db)| Some((db.read_only_alias.clone()?, name.clone())))
+            .collect();
         Arc::new(App {
             config,
             users,
             pools: Mutex::new(HashMap::new()),
             db_limits,
+            replica_limits,
+            routers,
+            aliases,
             cancels: Arc::new(cancel::Registry::default()),
             clients: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
@@ -104,8 +174,22 @@ impl App {
         self.clients.load(Ordering::Acquire)
     }
 
-    /// The pool for a (database, user) pair, created on first use.
-    fn pool(&self, database: &str, user: &str) -> Result<Arc<Pool>> {
+    /// The database a client's database name stands for, and whether the name is a
+    /// `read_only_alias`.
+    pub fn resolve_database<'a>(&'a self, name: &'a str) -> (&'a str, bool) {
+        match self.aliases.get(name) {
+            Some(database) => (database, true),
+            None => (name, false),
+        }
+    }
+
+    /// The read router of a database, if it has replicas.
+    pub fn router(&self, database: &str) -> Option<&Arc<routing::Router>> {
+        self.routers.get(database)
+    }
+
+    /// The pools for a (database, user) pair, created on first use.
+    fn pool(&self, database: &str, user: &str) -> Result<Arc<Pools>> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let key = (database.to_string(), user.to_string());
         if let Some(pool) = pools.get(&key) {
@@ -120,18 +204,48 @@ impl App {
             user: user.to_string(),
             reason: "unknown user",
         })?;
-        let target = server::Target {
-            host: db.host.clone(),
-            port: db.port,
+        let target = |host: &str, port: u16| server::Target {
+            host: host.to_string(),
+            port,
             dbname: db.server_dbname(database).to_string(),
             user: user.to_string(),
             password: user_config.password.clone(),
         };
         let settings = self.config.pool_settings(db, user_config);
-        let limit = Arc::clone(&self.db_limits[database]);
-        let pool = Pool::new(database, user, target, settings, limit);
-        pools.insert(key, Arc::clone(&pool));
-        Ok(pool)
+        let statements = Arc::new(prepared::Registry::default());
+        let primary = Pool::new(
+            database,
+            user,
+            None,
+            target(&db.host, db.port),
+            settings.clone(),
+            Arc::clone(&self.db_limits[database]),
+            Arc::clone(&statements),
+        );
+        let replicas = db
+            .replicas
+            .iter()
+            .zip(&self.replica_limits[database])
+            .map(|(addr, limit)| {
+                let (host, port) = config::split_host_port(addr).expect("validated");
+                Pool::new(
+                    database,
+                    user,
+                    Some(addr),
+                    target(&host, port),
+                    settings.clone(),
+                    Arc::clone(limit),
+                    Arc::clone(&statements),
+                )
+            })
+            .collect();
+        let set = Arc::new(Pools {
+            primary,
+            replicas,
+            router: self.routers.get(database).cloned(),
+        });
+        pools.insert(key, Arc::clone(&set));
+        Ok(set)
     }
 
     /// Servers open to a database across all its pools.
@@ -144,7 +258,7 @@ impl App {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .get(&(database.to_string(), user.to_string()))
-            .map(|p| Arc::clone(&p.statements))
+            .map(|p| Arc::clone(&p.primary.statements))
     }
 
     /// Counts of one pool, if it exists.
@@ -152,7 +266,20 @@ impl App {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .get(&(database.to_string(), user.to_string()))
-            .map(|p| p.snapshot())
+            .map(|p| p.primary.snapshot())
+    }
+
+    /// Counts of the pool of replica `i` of a pair, if it exists.
+    pub fn replica_snapshot(
+        &self,
+        database: &str,
+        user: &str,
+        i: usize,
+    ) -> Option<pool::PoolSnapshot> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .get(&(database.to_string(), user.to_string()))
+            .and_then(|p| p.replicas.get(i).map(|r| r.snapshot()))
     }
 }
 

@@ -62,11 +62,16 @@ pub struct PoolMetrics {
 }
 
 impl PoolMetrics {
-    pub fn new(database: &str, user: &str) -> PoolMetrics {
-        let labels = [
+    /// Series of a primary pool are labelled `database` and `user`; those of a replica
+    /// pool also `replica` (its address).
+    pub fn new(database: &str, user: &str, replica: Option<&str>) -> PoolMetrics {
+        let mut labels = vec![
             ("database", database.to_string()),
             ("user", user.to_string()),
         ];
+        if let Some(replica) = replica {
+            labels.push(("replica", replica.to_string()));
+        }
         PoolMetrics {
             wait: histogram!(POOL_WAIT, &labels),
             clients: gauge!("pgmux_pool_clients", &labels),

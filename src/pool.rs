@@ -59,13 +59,16 @@ struct Waiter {
 }
 
 impl Pool {
-    /// Creates a pool and starts its upkeep task.
+    /// Creates a pool and starts its upkeep task. A replica pool names its replica, and
+    /// shares the prepared-statement registry of the primary pool of its pair.
     pub fn new(
         database: &str,
         user: &str,
+        replica: Option<&str>,
         target: Target,
         settings: PoolSettings,
         limit: Arc<DbLimit>,
+        statements: Arc<crate::prepared::Registry>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database: database.to_string(),
@@ -80,8 +83,8 @@ impl Pool {
                 open: 0,
                 clients: 0,
             }),
-            metrics: PoolMetrics::new(database, user),
-            statements: Arc::default(),
+            metrics: PoolMetrics::new(database, user, replica),
+            statements,
             reported: Mutex::new(None),
         });
         limit.register(&pool);
@@ -336,6 +339,12 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         Ok(params.unwrap_or_default())
+    }
+
+    /// Servers attached to clients or being opened.
+    pub fn in_use(&self) -> usize {
+        let st = self.lock();
+        st.open - st.idle.len()
     }
 
     pub fn client_connected(&self) {

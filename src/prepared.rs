@@ -275,6 +275,12 @@ impl ClientStatements {
         self.map.is_empty()
     }
 
+    /// The query text of the client's statement `name`.
+    pub fn query_of(&self, name: &[u8]) -> Option<&[u8]> {
+        let stmt = self.map.get(name)?;
+        crate::relay::parse_query_text(stmt.parse.get(5..)?)
+    }
+
     /// Nothing is owed by the server and nothing waits to be given to the client.
     pub fn settled(&self) -> bool {
         self.expect.is_empty()
@@ -733,9 +739,10 @@ impl ClientStatements {
     /// simple-query DEALLOCATE of a statement the client holds; the answers are appended
     /// to `reply`.
     pub fn answer_locally(&mut self, pending: &[u8], reply: &mut BytesMut) -> Local {
-        // First pass: is everything answerable?
+        // First pass: how much of it, up to a Sync, is answerable? Whatever follows that
+        // Sync is a request of its own, left for a server.
         let mut at = 0;
-        let mut ends_with_sync = false;
+        let mut answerable = 0;
         let mut new_names: Vec<&[u8]> = Vec::new();
         loop {
             let (tag, len) = match crate::protocol::header(&pending[at..]) {
@@ -745,37 +752,39 @@ impl ClientStatements {
             };
             if len > LOCAL_MESSAGE_MAX {
                 // Not worth holding back; the relay applies max_message_size.
-                return Local::NeedsServer;
+                if answerable == 0 {
+                    return Local::NeedsServer;
+                }
+                break;
             }
             if pending.len() < at + len {
-                return Local::Incomplete;
+                break;
             }
             let body = &pending[at + 5..at + len];
-            ends_with_sync = false;
-            match tag {
-                tag::PARSE => {
-                    let Some((name, spec)) = cstr(body) else {
-                        return Local::NeedsServer;
-                    };
-                    if name.is_empty()
-                        || self.map.contains_key(name)
-                        || new_names.contains(&name)
-                        || self.map.len() + new_names.len() >= self.max
-                        || self.registry.validated(spec).is_none()
-                    {
-                        return Local::NeedsServer;
+            let ok = match tag {
+                tag::PARSE => match cstr(body) {
+                    Some((name, spec)) => {
+                        let fits = !name.is_empty()
+                            && !self.map.contains_key(name)
+                            && !new_names.contains(&name)
+                            && self.map.len() + new_names.len() < self.max
+                            && self.registry.validated(spec).is_some();
+                        if fits {
+                            new_names.push(name);
+                        }
+                        fits
                     }
-                    new_names.push(name);
-                }
+                    None => false,
+                },
                 tag::CLOSE => {
-                    if body.first() != Some(&b'S')
-                        || cstr(&body[1..]).is_none_or(|(n, _)| n.is_empty())
-                    {
-                        return Local::NeedsServer;
-                    }
+                    body.first() == Some(&b'S')
+                        && cstr(&body[1..]).is_some_and(|(n, _)| !n.is_empty())
                 }
-                tag::SYNC => ends_with_sync = true,
-                tag::QUERY if at == 0 && pending.len() == len => {
+                tag::SYNC => {
+                    answerable = at + len;
+                    true
+                }
+                tag::QUERY if at == 0 => {
                     let text = body.strip_suffix(b"\0").unwrap_or(body);
                     let Some(name) = deallocate_target(text) else {
                         return Local::NeedsServer;
@@ -787,15 +796,22 @@ impl ClientStatements {
                     backend::ready_for_query(reply, b'I');
                     return Local::Answered(len);
                 }
-                _ => return Local::NeedsServer,
+                _ => false,
+            };
+            if !ok {
+                if answerable == 0 {
+                    return Local::NeedsServer;
+                }
+                break;
             }
             at += len;
         }
-        if !ends_with_sync {
+        if answerable == 0 {
             // More of the request is on its way; the client waits for nothing before
             // its Sync.
             return Local::Incomplete;
         }
+        let pending = &pending[..answerable];
         // Second pass: do it.
         let mut at = 0;
         while let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) {

@@ -234,6 +234,12 @@ impl Tracker {
         }
     }
 
+    /// pgmux itself opened a transaction block on the server (a `BEGIN` it answered for
+    /// the client earlier): until the server says otherwise, the block is open.
+    pub fn began(&mut self) {
+        self.status = b'T';
+    }
+
     pub fn copy_in(&self) -> bool {
         self.copy_in
     }
@@ -750,7 +756,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
 }
 
 /// The query string of a Parse message body (statement name, query, parameter types).
-fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
+pub fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
     let (_name, rest) = crate::protocol::cstr(body)?;
     let (query, _) = crate::protocol::cstr(rest)?;
     Some(query)

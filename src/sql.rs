@@ -23,7 +23,7 @@ pub enum SessionEffect {
 
 /// Splits SQL into lower-cased words and punctuation, skipping whitespace and comments.
 /// Returns `None` if the text holds more than one statement.
-fn single_statement_words(sql: &str) -> Option<(Vec<String>, &str)> {
+pub(crate) fn single_statement_words(sql: &str) -> Option<(Vec<String>, &str)> {
     let bytes = sql.as_bytes();
     let mut words = Vec::new();
     let mut i = 0;

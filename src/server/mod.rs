@@ -270,6 +270,41 @@ impl Server {
         }
     }
 
+    /// Runs `sql` as a simple query and returns the text values of its first row; an
+    /// error if the query failed or returned no row. For pgmux's own probes.
+    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(Error::ServerIo)?;
+        self.send(&mut out).await?;
+        let mut row = None;
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(body) if row.is_none() => {
+                    let buf = body.buffer();
+                    let mut values = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(range) = ranges.next().map_err(Error::ServerIo)? {
+                        values.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    row = Some(values);
+                }
+                Message::ErrorResponse(body) => error = Some(error_fields(&body)),
+                Message::ReadyForQuery(body) => {
+                    if body.status() != b'I' {
+                        self.broken = true;
+                    }
+                    return match (error, row) {
+                        (Some((code, message)), _) => Err(Error::ServerLogin { code, message }),
+                        (None, Some(row)) => Ok(row),
+                        (None, None) => Err(Error::ServerProtocol(format!("no row from {sql}"))),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Whether the idle connection is still usable right now, without waiting: a server
     /// that closed, or sent anything while nobody asked, is not.
     pub fn is_usable_now(&mut self) -> bool {
