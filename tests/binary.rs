@@ -29,15 +29,17 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_accepts_the_shipped_example_and_names_bad_keys() {
-    let ok = pgmux()
-        .args(["--check", "--config", "conf/pgmux.toml"])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    for shipped in ["conf/pgmux.toml", "docker/pgmux.toml"] {
+        let ok = pgmux()
+            .args(["--check", "--config", shipped])
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "{shipped}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
 
     let bad = write_config("bad", "[pgmux]\ndefault_pool_size = 0\n");
     let out = pgmux().arg("--check").arg("-c").arg(&bad).output().unwrap();
