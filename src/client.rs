@@ -155,6 +155,8 @@ struct Route {
     /// A bare `BEGIN` pgmux answered itself; it is sent to whichever server the next
     /// statement chooses.
     deferred_begin: Option<String>,
+    /// The request in the buffer was refused by a replica and goes to the primary.
+    force_primary: bool,
 }
 
 /// Where one transaction (or, in session mode, the session) runs.
@@ -162,6 +164,9 @@ struct Choice {
     pool: Arc<Pool>,
     /// Judged read-only: it cannot have written, wherever it runs.
     read_only: bool,
+    /// An autocommit SELECT on a replica: run again on the primary if the replica
+    /// refuses it as a write before answering.
+    retry: bool,
 }
 
 /// What the statement opening a transaction says about it.
@@ -170,6 +175,8 @@ struct Access {
     read_only: bool,
     /// A replica can run it.
     on_replica: bool,
+    /// It is an autocommit SELECT that pgmux judged read-only by itself.
+    retry: bool,
 }
 
 /// Largest Query or Parse held back whole so its statement can be classified.
@@ -384,6 +391,7 @@ impl Client {
             idle_transaction_timeout: g.idle_transaction_timeout,
             query_timeout: g.query_timeout,
             metrics: &pool.metrics,
+            hold_for_retry: false,
         }
     }
 
@@ -395,8 +403,10 @@ impl Client {
             }
             let choice = self.choose(app).await?;
             let pool = choice.pool;
+            let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
             let mut server = self.attach(&pool).await?;
-            let limits = self.limits(app, &pool);
+            let mut limits = self.limits(app, &pool);
+            limits.hold_for_retry = choice.retry;
             let end = relay::run(
                 ClientEnd {
                     stream: &mut self.stream,
@@ -415,6 +425,10 @@ impl Client {
                 self.route.last_write = Some((std::time::Instant::now(), None));
             }
             match end {
+                Ok(End::RetryOnPrimary) => {
+                    let request = request.expect("only held requests are retried");
+                    self.give_back_refused(server, &pool, request).await?;
+                }
                 Ok(End::Boundary) => self.detach(server, &pool).await,
                 Ok(End::Terminate) | Ok(End::ClientClosed) => {
                     self.detach(server, &pool).await;
@@ -556,6 +570,14 @@ impl Client {
     /// Whether the request waiting in the buffer opens a read-only transaction, and
     /// whether a replica can run it.
     fn pending_access(&self) -> Access {
+        if self.executes_nothing() {
+            // Preparing, describing or closing statements writes nothing.
+            return Access {
+                read_only: true,
+                on_replica: false,
+                retry: false,
+            };
+        }
         let pending = self.flow.pending();
         let text = match pending.first() {
             Some(&tag::QUERY) | Some(&tag::PARSE) if pending.len() > 5 => {
@@ -589,18 +611,144 @@ impl Client {
         let replica = |read_only| Access {
             read_only,
             on_replica: read_only && !self.serializable_by_default(),
+            retry: false,
         };
         match opening {
             Opening::BeginReadOnly => replica(true),
             Opening::SerializableReadOnly => Access {
                 read_only: true,
                 on_replica: false,
+                retry: false,
             },
             Opening::SetReadOnly => replica(in_block || self.session_read_only()),
             // A standby refuses read-write transactions; so does the read-only name.
             Opening::BeginReadWrite | Opening::SetReadWrite => replica(self.route.alias),
+            Opening::Other
+                if !self.session_read_only()
+                    && !in_block
+                    && self
+                        .pools
+                        .router
+                        .as_ref()
+                        .is_some_and(|r| r.settings.autocommit_selects)
+                    && self.lone_autocommit_select() =>
+            {
+                Access {
+                    read_only: true,
+                    on_replica: true,
+                    retry: true,
+                }
+            }
             Opening::BeginDefault | Opening::Other => replica(self.session_read_only()),
         }
+    }
+
+    /// Whether the buffer holds only whole Parse, Describe, Close, Flush and Sync
+    /// messages: a request that runs no statement.
+    fn executes_nothing(&self) -> bool {
+        let pending = self.flow.pending();
+        let mut at = 0;
+        while at < pending.len() {
+            let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) else {
+                return false;
+            };
+            if pending.len() < at + len
+                || !matches!(
+                    tag,
+                    tag::PARSE | tag::DESCRIBE | tag::CLOSE | tag::FLUSH | tag::SYNC
+                )
+            {
+                return false;
+            }
+            at += len;
+        }
+        at > 0
+    }
+
+    /// Whether the buffer holds exactly one autocommit statement that parses as a plain
+    /// SELECT: a Query, or an unnamed Parse (or a Bind of a statement prepared earlier)
+    /// with one Execute and a Sync at the end. Requests that create named statements are
+    /// left alone, since running them twice would be visible.
+    fn lone_autocommit_select(&self) -> bool {
+        let pending = self.flow.pending();
+        let mut at = 0;
+        let mut text: Option<&[u8]> = None;
+        let mut executes = 0;
+        let mut last = 0;
+        while at < pending.len() {
+            let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) else {
+                return false;
+            };
+            let Some(body) = pending.get(at + 5..at + len) else {
+                return false;
+            };
+            match tag {
+                tag::QUERY if at == 0 && at + len == pending.len() => {
+                    text = Some(body.strip_suffix(b"\0").unwrap_or(body));
+                }
+                tag::PARSE if text.is_none() => {
+                    match crate::protocol::cstr(body) {
+                        Some((b"", _)) => {}
+                        _ => return false,
+                    }
+                    text = relay::parse_query_text(body);
+                }
+                tag::BIND if text.is_none() => {
+                    let statement = crate::protocol::cstr(body)
+                        .and_then(|(_portal, rest)| crate::protocol::cstr(rest))
+                        .map(|(name, _)| name);
+                    text = match (statement, &self.statements) {
+                        (Some(name), Some(s)) if !name.is_empty() => s.query_of(name),
+                        _ => None,
+                    };
+                    if text.is_none() {
+                        return false;
+                    }
+                }
+                tag::BIND | tag::DESCRIBE => {}
+                tag::EXECUTE => executes += 1,
+                tag::SYNC if at + len == pending.len() => {}
+                _ => return false,
+            }
+            last = tag;
+            at += len;
+        }
+        let whole = last == tag::QUERY || (last == tag::SYNC && executes == 1);
+        whole
+            && text.is_some_and(|t| {
+                std::str::from_utf8(t).is_ok_and(crate::routing::select::is_plain_select)
+            })
+    }
+
+    /// A replica refused the held request as a write: lets its server finish the answer
+    /// nobody will see, gives it back, and puts the request in front of the buffer
+    /// again, for the primary.
+    async fn give_back_refused(
+        &mut self,
+        mut server: Server,
+        pool: &Arc<Pool>,
+        request: BytesMut,
+    ) -> Result<()> {
+        self.cancel.slot.set_target(None);
+        server.params = Arc::clone(&self.params);
+        if let Some(statements) = self.statements.as_mut() {
+            statements.forget_server(&mut server.prepared);
+            statements.reset_request();
+        }
+        let owed = self.tracker.owed();
+        let drained = tokio::time::timeout(CLEANUP_TIMEOUT, server.discard_until_ready(owed)).await;
+        let clean = matches!(drained, Ok(Ok(b'I')));
+        pool.release(server, clean);
+        self.tracker = Tracker::default();
+        // The client was not read while its answer was held, so the buffer holds at most
+        // the unsent end of the same request, which `request` has in full.
+        self.flow = Flow::default();
+        self.flow.buf = request;
+        self.route.force_primary = true;
+        if let Some(router) = &self.pools.router {
+            router.count(false, Some(crate::routing::Fallback::Retried));
+        }
+        Ok(())
     }
 
     /// Whether the session's transactions are SERIALIZABLE unless they say otherwise,
@@ -620,15 +768,21 @@ impl Client {
         let primary = |read_only| Choice {
             pool: Arc::clone(&self.pools.primary),
             read_only,
+            retry: false,
         };
         let Some(router) = self.pools.router.clone() else {
             return Ok(primary(false));
         };
+        if std::mem::take(&mut self.route.force_primary) {
+            // The replica refused it as a write: on the primary, it writes.
+            return Ok(primary(false));
+        }
         let access = match self.mode {
             PoolMode::Transaction => self.pending_access(),
             PoolMode::Session => Access {
                 read_only: self.session_read_only(),
                 on_replica: self.session_read_only() && !self.serializable_by_default(),
+                retry: false,
             },
         };
         if !access.on_replica {
@@ -654,6 +808,7 @@ impl Client {
                     return Ok(Choice {
                         pool: Arc::clone(&replicas[i]),
                         read_only: true,
+                        retry: access.retry,
                     });
                 }
                 Err(fallback) => fallback,

@@ -174,6 +174,9 @@ pub struct Database {
     /// What a read-only transaction does when no replica is eligible.
     #[serde(default = "defaults::replica_fallback")]
     pub replica_fallback: ReplicaFallback,
+    /// Single autocommit statements that parse as plain SELECTs also go to replicas.
+    #[serde(default)]
+    pub route_autocommit_selects: bool,
     /// The user the lag probes log in as; defaults to the first user in `[users]`.
     #[serde(default)]
     pub lag_check_user: Option<String>,

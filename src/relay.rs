@@ -225,6 +225,11 @@ impl Tracker {
         self.pending == 0 && !self.unsynced
     }
 
+    /// ReadyForQuery messages the server still owes.
+    pub fn owed(&self) -> u32 {
+        self.pending
+    }
+
     /// Last transaction status reported: `I` idle, `T` in a transaction, `E` failed one.
     pub fn status(&self) -> u8 {
         if self.status == 0 {
@@ -259,6 +264,10 @@ pub enum End {
     Terminate,
     /// The client closed its socket.
     ClientClosed,
+    /// A replica refused a statement as a write (25006) before any of its answer reached
+    /// the client: the caller runs the request again on the primary. The server still
+    /// owes its ReadyForQuery.
+    RetryOnPrimary,
 }
 
 /// Limits and per-pool counters the relay needs.
@@ -269,6 +278,12 @@ pub struct Limits<'a> {
     pub idle_transaction_timeout: Duration,
     pub query_timeout: Duration,
     pub metrics: &'a crate::metrics::PoolMetrics,
+    /// Hold the server's answer back from the client, and stop reading the client,
+    /// until the first message that is not a preliminary one (ParseComplete,
+    /// BindComplete, CloseComplete, descriptions, notices, ParameterStatus); a 25006
+    /// before that ends
+    /// the relay with [`End::RetryOnPrimary`].
+    pub hold_for_retry: bool,
 }
 
 /// The client end of a relay.
@@ -309,6 +324,8 @@ where
         client_eof: false,
         terminate: false,
         boundary: false,
+        holding: limits.hold_for_retry,
+        retry: false,
         timer: None,
         timer_kind: TimerKind::None,
     };
@@ -331,6 +348,9 @@ struct Relay<'r, 'a, S> {
     client_eof: bool,
     terminate: bool,
     boundary: bool,
+    /// See [`Limits::hold_for_retry`].
+    holding: bool,
+    retry: bool,
     timer: Option<Pin<Box<Sleep>>>,
     timer_kind: TimerKind,
 }
@@ -340,7 +360,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         loop {
             let mut progress = false;
 
-            progress |= self.write_to_client(cx)?;
+            if self.retry {
+                return Poll::Ready(Ok(End::RetryOnPrimary));
+            }
+            if !self.holding {
+                progress |= self.write_to_client(cx)?;
+            }
             if self.server.flow.ready().is_empty() {
                 if self.boundary {
                     return Poll::Ready(Ok(End::Boundary));
@@ -351,7 +376,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             progress |= self.write_to_server(cx)?;
 
-            if !self.client_eof && !self.terminate && self.client.flow.wants_read() {
+            if !self.client_eof && !self.terminate && !self.holding && self.client.flow.wants_read()
+            {
                 progress |= self.read_client(cx)?;
             }
             if self.client_eof && self.server.flow.ready().is_empty() {
@@ -586,6 +612,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     return Err(Error::ServerProtocol(e));
                 }
             };
+            if self.holding {
+                if frame.tag == btag::ERROR_RESPONSE
+                    && error_code(self.server.flow.body(frame)) == Some(b"25006")
+                {
+                    self.retry = true;
+                    return Ok(());
+                }
+                if !matches!(
+                    frame.tag,
+                    b'1' | b'2'
+                        | b'3'
+                        | b't'
+                        | b'T'
+                        | b'n'
+                        | btag::PARAMETER_STATUS
+                        | btag::NOTICE_RESPONSE
+                ) {
+                    self.holding = false;
+                }
+            }
             let disposition = match self.client.prepared.as_deref_mut() {
                 Some(statements) => {
                     let body = if frame.tag == btag::COMMAND_COMPLETE {
@@ -877,6 +923,22 @@ pub fn remember_reported(reported: &mut Vec<(String, String)>, name: &str, value
 }
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.
+/// The SQLSTATE field of an ErrorResponse body.
+fn error_code(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let (value, after) = crate::protocol::cstr(after)?;
+        if field == b'C' {
+            return Some(value);
+        }
+        rest = after;
+    }
+    None
+}
+
 fn is_fatal(body: &[u8]) -> bool {
     let mut rest = body;
     while let Some((&field, after)) = rest.split_first() {

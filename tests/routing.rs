@@ -392,3 +392,75 @@ async fn a_client_always_reads_its_own_writes() {
     let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
     assert!(runs_on_replica(&other, "BEGIN READ ONLY").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_selects_go_to_replicas_when_asked_and_writes_retry_on_the_primary() {
+    let clusters = cluster::shared();
+    let (db, mux) = setup(
+        clusters,
+        "route_auto",
+        shared_setup_general(),
+        "route_autocommit_selects = true",
+    )
+    .await;
+    // A view that writes: the parser cannot see it, the replica refuses it with 25006.
+    tokio::task::block_in_place(|| {
+        clusters.primary.psql_db(
+            &db,
+            "SET ROLE app; CREATE SEQUENCE s; CREATE VIEW next_s AS SELECT nextval('s') AS n;",
+        );
+        clusters.wait_replica_caught_up();
+    });
+    let client = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    // Simple and extended protocol, and a statement prepared earlier.
+    assert_eq!(
+        simple_value(&client, "SELECT pg_is_in_recovery()")
+            .await
+            .as_deref(),
+        Some("t")
+    );
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    let stmt = client
+        .prepare("SELECT pg_is_in_recovery(), $1::int")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let row = client.query_one(&stmt, &[&i]).await.unwrap();
+        assert!(row.get::<_, bool>(0));
+        assert_eq!(row.get::<_, i32>(1), i);
+    }
+    // A function pgmux does not know may write: the primary runs it.
+    assert_eq!(
+        simple_value(
+            &client,
+            "SELECT pg_is_in_recovery(), txid_current_if_assigned()"
+        )
+        .await
+        .as_deref(),
+        Some("f")
+    );
+
+    // The writing view: refused on the replica, then answered by the primary, which
+    // runs it exactly once.
+    for round in 0..3i64 {
+        assert_eq!(
+            simple_value(&client, "SELECT n FROM next_s").await,
+            Some((2 * round + 1).to_string())
+        );
+        let row = client.query_one("SELECT n FROM next_s", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 2 * round + 2);
+    }
+    // The replica connection that refused it went back to the pool, clean, and serves
+    // the next read once the replica has replayed the client's writes.
+    after_own_write().await;
+    assert_eq!(
+        simple_value(&client, "SELECT pg_is_in_recovery()")
+            .await
+            .as_deref(),
+        Some("t")
+    );
+}

@@ -1,7 +1,7 @@
 //! Read-only transactions on streaming replicas, chosen by measured lag.
 //!
 //! Each database with `replicas` gets one [`Router`]. Its probe tasks read the primary's
-//! WAL position and every replica's replay position on connections of their own, every
+//! WAL insert position and every replica's replay position on connections of their own, every
 //! `lag_check_interval` ([`lag`] says how lag follows from those). A replica is eligible
 //! for reads while its last probe succeeded recently, it is still in recovery, and its
 //! lag is within `max_replica_lag` (and `max_replica_lag_bytes`, if set). A probe that
@@ -15,6 +15,7 @@
 
 pub mod classify;
 pub mod lag;
+pub mod select;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -38,6 +39,7 @@ pub struct RoutingSettings {
     pub interval: Duration,
     pub read_your_writes: bool,
     pub fallback: ReplicaFallback,
+    pub autocommit_selects: bool,
 }
 
 impl RoutingSettings {
@@ -48,6 +50,7 @@ impl RoutingSettings {
             interval: db.lag_check_interval,
             read_your_writes: db.read_your_writes,
             fallback: db.replica_fallback,
+            autocommit_selects: db.route_autocommit_selects,
         }
     }
 
@@ -86,6 +89,8 @@ pub enum Fallback {
     NoneEligible,
     /// Eligible replicas exist, but none has replayed the client's last transaction yet.
     ReadYourWrites,
+    /// An autocommit SELECT that a replica refused as a write (25006), run again.
+    Retried,
 }
 
 impl Fallback {
@@ -93,6 +98,7 @@ impl Fallback {
         match self {
             Fallback::NoneEligible => "no_replica_eligible",
             Fallback::ReadYourWrites => "read_your_writes",
+            Fallback::Retried => "read_only_error",
         }
     }
 }
@@ -121,6 +127,7 @@ pub struct Router {
     to_replica: Counter,
     fallback_none: Counter,
     fallback_ryw: Counter,
+    fallback_retried: Counter,
 }
 
 impl Router {
@@ -168,6 +175,7 @@ impl Router {
             to_replica: transactions("replica"),
             fallback_none: fallbacks(Fallback::NoneEligible.label()),
             fallback_ryw: fallbacks(Fallback::ReadYourWrites.label()),
+            fallback_retried: fallbacks(Fallback::Retried.label()),
             settings,
         });
         tokio::spawn(probe_primary(Arc::downgrade(&router), primary));
@@ -280,6 +288,7 @@ impl Router {
         match fallback {
             Some(Fallback::NoneEligible) => self.fallback_none.increment(1),
             Some(Fallback::ReadYourWrites) => self.fallback_ryw.increment(1),
+            Some(Fallback::Retried) => self.fallback_retried.increment(1),
             None => {}
         }
     }
@@ -343,7 +352,10 @@ async fn probe_primary(router: Weak<Router>, target: Target) {
     loop {
         tick.tick().await;
         let sent = Instant::now();
-        let row = probe.row("SELECT pg_current_wal_lsn()").await;
+        // The insert position, not the write position: with synchronous_commit = off a
+        // commit returns before its WAL is written, and read-your-writes must still
+        // cover it.
+        let row = probe.row("SELECT pg_current_wal_insert_lsn()").await;
         let Some(router) = router.upgrade() else {
             return;
         };

@@ -270,6 +270,27 @@ impl Server {
         }
     }
 
+    /// Discards the rest of an answer the client will never see: bytes the relay framed
+    /// but did not deliver, then every message up to the `owed`-th ReadyForQuery, whose
+    /// status is returned.
+    pub async fn discard_until_ready(&mut self, owed: u32) -> Result<u8> {
+        if self.flow.mid_message() {
+            return Err(Error::ServerProtocol("answer cut short".into()));
+        }
+        let framed = self.flow.ready().len();
+        self.flow.consume(framed);
+        let mut status = b'I';
+        for _ in 0..owed {
+            loop {
+                if let Message::ReadyForQuery(body) = self.next_message().await? {
+                    status = body.status();
+                    break;
+                }
+            }
+        }
+        Ok(status)
+    }
+
     /// Runs `sql` as a simple query and returns the text values of its first row; an
     /// error if the query failed or returned no row. For pgmux's own probes.
     pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>> {
