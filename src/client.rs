@@ -24,6 +24,7 @@ use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::server::Server;
+use crate::tls::{self, ClientStream, ClientTlsMode};
 use crate::App;
 
 /// Memory an idle client keeps for its read buffer; more is given back after a burst.
@@ -56,8 +57,9 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
 
 /// Runs the whole connection. Errors that the client should hear about have already been
 /// sent to it when this returns.
-async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
-    let _ = stream.set_nodelay(true);
+async fn serve(app: &Arc<App>, tcp: TcpStream) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = ClientStream::Plain(tcp);
     let login_timeout = app.config.pgmux.client_login_timeout;
     let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
     let mut client = match login {
@@ -111,17 +113,25 @@ fn prepared_statements(pool: &Arc<Pool>, mode: PoolMode) -> Option<ClientStateme
 }
 
 /// Sends the client the ErrorResponse for `e`, if it has one; failures are moot.
-async fn tell(stream: &mut TcpStream, e: &Error) {
+async fn tell(stream: &mut ClientStream, e: &Error) {
     let mut buf = BytesMut::new();
     e.write_response(&mut buf);
     if !buf.is_empty() {
-        let _ = stream.write_all(&buf).await;
+        let _ = send(stream, &buf).await;
+        // A TLS client reads the error before close_notify, not a reset.
+        let _ = stream.shutdown().await;
     }
+}
+
+/// Writes `buf` and flushes: a TLS stream may keep bytes until it is flushed.
+async fn send(stream: &mut ClientStream, buf: &[u8]) -> Result<()> {
+    stream.write_all(buf).await.map_err(Error::ClientIo)?;
+    stream.flush().await.map_err(Error::ClientIo)
 }
 
 /// A logged-in client.
 struct Client {
-    stream: TcpStream,
+    stream: ClientStream,
     flow: Flow,
     pool: Arc<Pool>,
     mode: PoolMode,
@@ -147,7 +157,7 @@ struct Session {
 
 /// Negotiation and authentication. Returns `None` for a connection that only came to
 /// cancel a query.
-async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>> {
+async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Session>> {
     let Some(startup) = negotiate(app, stream).await? else {
         return Ok(None);
     };
@@ -156,7 +166,7 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
     let mut out = BytesMut::new();
     if startup.minor_version != 0 || !startup.protocol_options.is_empty() {
         backend::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
-        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        send(stream, &out).await?;
         out.clear();
     }
     if startup
@@ -174,9 +184,28 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         .to_string();
     let database = startup.get("database").unwrap_or(&user).to_string();
     let params = startup_params(&startup)?;
+    if !stream.is_tls()
+        && app
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == ClientTlsMode::Require)
+    {
+        return Err(Error::TlsRequired(format!(
+            "connection without TLS refused for user \"{user}\", database \"{database}\": \
+             pgmux has client_tls_mode = \"require\""
+        )));
+    }
 
     let creds = app.users.get(&user);
-    crate::auth::authenticate(stream, app.config.pgmux.auth_type, &user, creds).await?;
+    let transport = crate::auth::Transport {
+        end_point: match (&app.tls, stream.is_tls()) {
+            (Some(tls), true) => Some(Arc::clone(&tls.end_point)),
+            _ => None,
+        },
+        peer_cert: stream.peer_certificate(),
+    };
+    let auth_type = app.config.pgmux.auth_type;
+    crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
 
     let pool = app.pool(&database, &user)?;
     let reported = pool.reported_params().await?;
@@ -189,8 +218,8 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
     }
     backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
     backend::ready_for_query(&mut out, b'I');
-    stream.write_all(&out).await.map_err(Error::ClientIo)?;
-    debug!(user = %user, database = %database, "client logged in");
+    send(stream, &out).await?;
+    debug!(user = %user, database = %database, tls = stream.is_tls(), "client logged in");
 
     pool.client_connected();
     let mode = pool.settings().mode;
@@ -204,8 +233,24 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
     }))
 }
 
-/// Reads packets until a StartupMessage (or a CancelRequest, handled here).
-async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<StartupMessage>> {
+/// Reads packets until a StartupMessage (or a CancelRequest, handled here). Runs the
+/// TLS handshake on the way when the client asks for it.
+async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<StartupMessage>> {
+    // A PostgreSQL 17 client with sslnegotiation=direct opens with a TLS ClientHello
+    // instead of a packet length (whose first byte is 0 for any valid startup packet).
+    if let ClientStream::Plain(tcp) = stream {
+        let mut first = [0u8; 1];
+        let n = tcp.peek(&mut first).await.map_err(Error::ClientIo)?;
+        if n == 1 && first[0] == tls::TLS_HANDSHAKE_BYTE {
+            let Some(acceptor) = &app.tls else {
+                // Nothing can be said in plaintext to a TLS client: just close.
+                return Err(Error::ClientIo(std::io::Error::other(
+                    "direct TLS connection refused: client_tls_mode = \"disable\"",
+                )));
+            };
+            upgrade(stream, acceptor, true).await?;
+        }
+    }
     // SSLRequest then GSSENCRequest is the most a real client sends before its startup.
     for _ in 0..3 {
         let packet = match startup::read(stream).await.map_err(Error::ClientIo)? {
@@ -217,7 +262,28 @@ async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Star
         };
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+                let ClientStream::Plain(tcp) = &*stream else {
+                    return Err(Error::ClientProtocol(
+                        "encryption requested on an encrypted connection".into(),
+                    ));
+                };
+                // The client must wait for the answer: bytes already here were sent in
+                // plaintext before any handshake and may have been injected
+                // (CVE-2021-23214). The startup packet was read unbuffered, byte-exact,
+                // so anything extra is still in the socket.
+                if let Err(e) = tls::ensure_nothing_buffered(tcp) {
+                    return Err(match e.kind() {
+                        std::io::ErrorKind::InvalidData => Error::ClientProtocol(e.to_string()),
+                        _ => Error::ClientIo(e),
+                    });
+                }
+                match (&packet, &app.tls) {
+                    (StartupPacket::SslRequest, Some(acceptor)) => {
+                        send(stream, b"S").await?;
+                        upgrade(stream, acceptor, false).await?;
+                    }
+                    _ => send(stream, b"N").await?,
+                }
             }
             StartupPacket::Cancel {
                 process_id,
@@ -232,6 +298,20 @@ async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Star
     Err(Error::ClientProtocol(
         "too many negotiation requests".into(),
     ))
+}
+
+/// Runs the TLS handshake; a failed one is logged and ends the connection.
+async fn upgrade(stream: &mut ClientStream, acceptor: &tls::Acceptor, direct: bool) -> Result<()> {
+    stream.upgrade(acceptor, direct).await.map_err(|e| {
+        debug!(error = %e, direct, "client TLS handshake failed");
+        match e.kind() {
+            // Direct TLS without ALPN: the handshake is done, the client can be told.
+            std::io::ErrorKind::InvalidData if stream.is_tls() => {
+                Error::ClientProtocol(e.to_string())
+            }
+            _ => Error::ClientIo(e),
+        }
+    })
 }
 
 /// The session parameters a startup packet asks for, `options` included.
@@ -352,7 +432,11 @@ impl Client {
             )
             .await;
             match end {
-                Ok(End::Boundary) => self.detach(server).await,
+                Ok(End::Boundary) => {
+                    self.detach(server).await;
+                    // TLS may still hold the last reply; the client waits for it.
+                    self.stream.flush().await.map_err(Error::ClientIo)?;
+                }
                 Ok(End::Terminate) | Ok(End::ClientClosed) => {
                     self.detach(server).await;
                     return Ok(());
@@ -380,7 +464,7 @@ impl Client {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
                         backend::ready_for_query(&mut out, b'I');
-                        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+                        send(&mut self.stream, &out).await?;
                         true
                     }
                     (tag::FLUSH, 4) => {
@@ -393,10 +477,7 @@ impl Client {
                         match statements.answer_locally(self.flow.pending(), &mut reply) {
                             Local::Answered(n) => {
                                 self.flow.buf.advance(n);
-                                self.stream
-                                    .write_all(&reply)
-                                    .await
-                                    .map_err(Error::ClientIo)?;
+                                send(&mut self.stream, &reply).await?;
                                 true
                             }
                             Local::NeedsServer => return Ok(true),
@@ -472,7 +553,7 @@ impl Client {
             }
         }
         if !out.is_empty() {
-            self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+            send(&mut self.stream, &out).await?;
         }
         server.params = Arc::clone(&self.params);
         Ok(())

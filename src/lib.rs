@@ -20,6 +20,7 @@ pub mod random;
 pub mod relay;
 pub mod server;
 pub mod sql;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,6 +52,10 @@ pub struct App {
     clients: Arc<AtomicUsize>,
     /// Cancelled when pgmux starts shutting down.
     pub shutdown: CancellationToken,
+    /// TLS towards clients, unless `client_tls_mode = "disable"`.
+    pub tls: Option<tls::Acceptor>,
+    /// TLS towards servers, unless `server_tls_mode = "disable"`.
+    server_tls: Option<Arc<tls::Connector>>,
 }
 
 /// A client's place under `max_client_conn`, given back on drop.
@@ -63,7 +68,10 @@ impl Drop for Admission {
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<App> {
+    /// Fails if the TLS certificates or keys cannot be loaded.
+    pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
+        let tls = tls::acceptor(&config)?;
+        let server_tls = tls::connector(&config)?;
         let users = config
             .users
             .iter()
@@ -77,7 +85,7 @@ impl App {
                 (name.clone(), limit)
             })
             .collect();
-        Arc::new(App {
+        Ok(Arc::new(App {
             config,
             users,
             pools: Mutex::new(HashMap::new()),
@@ -85,7 +93,9 @@ impl App {
             cancels: Arc::new(cancel::Registry::default()),
             clients: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
-        })
+            tls,
+            server_tls,
+        }))
     }
 
     /// Counts a client in, unless `max_client_conn` are connected already.
@@ -126,6 +136,7 @@ impl App {
             dbname: db.server_dbname(database).to_string(),
             user: user.to_string(),
             password: user_config.password.clone(),
+            tls: self.server_tls.clone(),
         };
         let settings = self.config.pool_settings(db, user_config);
         let limit = Arc::clone(&self.db_limits[database]);
@@ -180,7 +191,8 @@ impl Running {
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.pgmux.listen).await?;
     let addr = listener.local_addr()?;
-    let app = App::new(config);
+    let app = App::new(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let accept = tokio::spawn(listen(listener, Arc::clone(&app)));
     info!(listen = %addr, "pgmux is accepting clients");
     Ok(Running { addr, app, accept })

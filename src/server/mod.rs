@@ -25,6 +25,8 @@ pub struct Target {
     pub dbname: String,
     pub user: String,
     pub password: String,
+    /// TLS settings, unless `server_tls_mode = "disable"`.
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
 
 impl Target {
@@ -46,7 +48,7 @@ pub struct CancelKey {
 
 /// A logged-in server connection.
 pub struct Server {
-    pub stream: TcpStream,
+    pub stream: crate::tls::ServerStream,
     /// Bytes read from the server and not yet delivered; see [`crate::relay::Flow`].
     pub flow: crate::relay::Flow,
     pub cancel_key: CancelKey,
@@ -94,8 +96,14 @@ impl Server {
             addr: addr.to_string(),
             reason: e.to_string(),
         };
-        let mut stream = TcpStream::connect(addr).await.map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
+        let tcp = TcpStream::connect(addr).await.map_err(connect_error)?;
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        let mut stream = crate::tls::connect_server(tcp, &target.host, target.tls.as_deref())
+            .await
+            .map_err(|reason| Error::Connect {
+                addr: addr.to_string(),
+                reason,
+            })?;
 
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -107,6 +115,7 @@ impl Server {
         )
         .map_err(connect_error)?;
         stream.write_all(&out).await.map_err(connect_error)?;
+        stream.flush().await.map_err(connect_error)?;
 
         let mut server = Server {
             stream,
@@ -150,6 +159,7 @@ impl Server {
 
     async fn send(&mut self, out: &mut BytesMut) -> Result<()> {
         self.stream.write_all(out).await.map_err(Error::ServerIo)?;
+        self.stream.flush().await.map_err(Error::ServerIo)?;
         out.clear();
         Ok(())
     }
