@@ -458,6 +458,19 @@ impl Client {
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                // Refused before a server is taken for it (the relay checks it too).
+                let max = app.config.pgmux.max_message_size;
+                if len < 4 {
+                    return Err(Error::ClientProtocol(format!(
+                        "invalid message length {len}"
+                    )));
+                }
+                if len as usize + 1 > max {
+                    return Err(Error::ClientProtocol(format!(
+                        "message of {} bytes exceeds max_message_size ({max})",
+                        len as usize + 1
+                    )));
+                }
                 let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
                     (tag::SYNC, 4) => {

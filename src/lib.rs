@@ -217,3 +217,29 @@ async fn listen(listener: TcpListener, app: Arc<App>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection task that panics while holding the pools lock poisons it; the
+    /// other connections must go on (tokio keeps the panic inside the task, and every
+    /// lock is taken with `unwrap_or_else(|e| e.into_inner())`).
+    #[tokio::test]
+    async fn a_poisoned_pools_lock_does_not_stop_other_clients() {
+        let config =
+            Config::parse("[pgmux]\n[users.app]\npassword = \"x\"\n[databases.db]\nport = 1\n")
+                .unwrap();
+        let app = App::new(config).unwrap();
+        let other = Arc::clone(&app);
+        let panicked = tokio::spawn(async move {
+            let _held = other.pools.lock().unwrap();
+            panic!("a bug in one connection task");
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert!(app.pools.is_poisoned());
+        assert!(app.pool("db", "app").is_ok());
+        assert!(app.pool_snapshot("db", "app").is_some());
+    }
+}
