@@ -489,6 +489,21 @@ impl ClientStream {
     }
 }
 
+impl ServerStream {
+    /// The `tls-server-end-point` data of the server's certificate, on TLS.
+    pub fn server_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            ServerStream::Tls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| end_point_hash(c)),
+            ServerStream::Plain(_) => None,
+        }
+    }
+}
+
 fn detached() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection is detached")
 }

@@ -187,26 +187,32 @@ impl Server {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut offered = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms
                         .next()
                         .map_err(|e| Error::ServerProtocol(e.to_string()))?
                     {
-                        offered |= m == sasl::SCRAM_SHA_256;
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !offered {
-                        return Err(Error::ServerProtocol(
-                            "server offered no SASL mechanism pgmux supports".into(),
-                        ));
-                    }
-                    let client =
-                        ScramSha256::new(target.password.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        client.message(),
-                        &mut out,
-                    )
-                    .map_err(Error::ServerIo)?;
+                    // Over TLS, bind the exchange to the server's certificate when the
+                    // server offers it: a man in the middle then cannot relay it.
+                    let end_point = self.stream.server_end_point().filter(|_| plus);
+                    let (mechanism, binding) = match end_point {
+                        Some(data) => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
+                        None if plain => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        None => {
+                            return Err(Error::ServerProtocol(
+                                "server offered no SASL mechanism pgmux supports".into(),
+                            ))
+                        }
+                    };
+                    let client = ScramSha256::new(target.password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, client.message(), &mut out)
+                        .map_err(Error::ServerIo)?;
                     self.send(&mut out).await?;
                     scram = Some(client);
                 }
