@@ -577,6 +577,13 @@ async fn direct_tls_like_postgres_17() {
     let text = String::from_utf8_lossy(&reply);
     assert!(text.contains("ALPN"), "{text}");
 
+    // Another application protocol only: the handshake itself fails.
+    let tcp = TcpStream::connect(mux.addr).await.unwrap();
+    assert!(tls_client(Some(b"http/1.1"))
+        .connect(name.clone(), tcp)
+        .await
+        .is_err());
+
     // With TLS off, a direct TLS client is just closed.
     let plain = start_pgmux(&config_text(primary, &db, "auth_type = \"trust\"", "")).await;
     let tcp = TcpStream::connect(plain.addr).await.unwrap();
