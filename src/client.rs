@@ -184,17 +184,6 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
         .to_string();
     let database = startup.get("database").unwrap_or(&user).to_string();
     let params = startup_params(&startup)?;
-    if !stream.is_tls()
-        && app
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.mode == ClientTlsMode::Require)
-    {
-        return Err(Error::TlsRequired(format!(
-            "connection without TLS refused for user \"{user}\", database \"{database}\": \
-             pgmux has client_tls_mode = \"require\""
-        )));
-    }
 
     let creds = app.users.get(&user);
     let transport = crate::auth::Transport {
@@ -292,7 +281,18 @@ async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<S
                 app.cancels.cancel(process_id, secret_key).await;
                 return Ok(None);
             }
-            StartupPacket::Startup(message) => return Ok(Some(message)),
+            StartupPacket::Startup(message) => {
+                let require = app.tls.as_ref().map(|t| t.mode) == Some(ClientTlsMode::Require);
+                if require && !stream.is_tls() {
+                    let user = message.get("user").unwrap_or_default();
+                    let database = message.get("database").unwrap_or(user);
+                    return Err(Error::TlsRequired(format!(
+                        "connection without TLS refused for user \"{user}\", database \
+                         \"{database}\": pgmux has client_tls_mode = \"require\""
+                    )));
+                }
+                return Ok(Some(message));
+            }
         }
     }
     Err(Error::ClientProtocol(
@@ -432,11 +432,7 @@ impl Client {
             )
             .await;
             match end {
-                Ok(End::Boundary) => {
-                    self.detach(server).await;
-                    // TLS may still hold the last reply; the client waits for it.
-                    self.stream.flush().await.map_err(Error::ClientIo)?;
-                }
+                Ok(End::Boundary) => self.detach(server).await,
                 Ok(End::Terminate) | Ok(End::ClientClosed) => {
                     self.detach(server).await;
                     return Ok(());
@@ -455,29 +451,17 @@ impl Client {
     /// Sync or Flush between transactions) are answered here.
     async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
         loop {
+            check_header(self.flow.pending(), app.config.pgmux.max_message_size)?;
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
-                // Refused before a server is taken for it (the relay checks it too).
-                let max = app.config.pgmux.max_message_size;
-                if len < 4 {
-                    return Err(Error::ClientProtocol(format!(
-                        "invalid message length {len}"
-                    )));
-                }
-                if len as usize + 1 > max {
-                    return Err(Error::ClientProtocol(format!(
-                        "message of {} bytes exceeds max_message_size ({max})",
-                        len as usize + 1
-                    )));
-                }
                 let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
                     (tag::SYNC, 4) => {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
                         backend::ready_for_query(&mut out, b'I');
-                        send(&mut self.stream, &out).await?;
+                        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
                         true
                     }
                     (tag::FLUSH, 4) => {
@@ -490,7 +474,10 @@ impl Client {
                         match statements.answer_locally(self.flow.pending(), &mut reply) {
                             Local::Answered(n) => {
                                 self.flow.buf.advance(n);
-                                send(&mut self.stream, &reply).await?;
+                                self.stream
+                                    .write_all(&reply)
+                                    .await
+                                    .map_err(Error::ClientIo)?;
                                 true
                             }
                             Local::NeedsServer => return Ok(true),
@@ -513,6 +500,9 @@ impl Client {
             if self.flow.buf.capacity() - self.flow.buf.len() < 512 {
                 self.flow.buf.reserve(IDLE_BUFFER);
             }
+            // Whatever was written since the last read (the relay's last reply, answers
+            // given here) may still sit in a TLS buffer, and the client waits for it.
+            self.stream.flush().await.map_err(Error::ClientIo)?;
             let read = tokio::select! {
                 read = self.stream.read_buf(&mut self.flow.buf) => read,
                 _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
@@ -566,7 +556,7 @@ impl Client {
             }
         }
         if !out.is_empty() {
-            send(&mut self.stream, &out).await?;
+            self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
         }
         server.params = Arc::clone(&self.params);
         Ok(())
@@ -613,6 +603,20 @@ impl Client {
             server.params = Arc::new(ParamSet::default());
         }
         ok
+    }
+}
+
+/// Refuses a message whose length field is impossible or over `max_message_size`,
+/// before a server is taken for it (the relay checks again as it frames).
+fn check_header(pending: &[u8], max: usize) -> Result<()> {
+    match crate::protocol::header(pending) {
+        Some(Err(len)) => Err(Error::ClientProtocol(format!(
+            "invalid message length {len}"
+        ))),
+        Some(Ok((_, len))) if len > max => Err(Error::ClientProtocol(format!(
+            "message of {len} bytes exceeds max_message_size ({max})"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -818,3 +818,99 @@ fn tls_config_errors_name_the_key() {
     );
     pgmux::config::Config::parse(&ok).unwrap();
 }
+
+/// psql with `-f -`: runs `sql` from stdin (or feeds `stdin` to a COPY given by -c).
+fn psql_stdin(addr: SocketAddr, db: &str, args: &[&str], stdin: Vec<u8>) -> Result<String, String> {
+    use std::io::Write;
+    let conninfo = format!(
+        "host={} port={} user=app dbname={db} sslmode=require connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    );
+    let mut child = Command::new(cluster::pg_bin("psql"))
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .arg(conninfo)
+        .env("PGPASSWORD", "app-secret")
+        .env_remove("PGSSLMODE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    writer.join().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_traffic_and_many_clients_over_tls() {
+    let primary = &cluster::shared().primary;
+    let db = fresh_db(primary, "tlsbulk");
+    let general = format!("{}\ndefault_pool_size = 2", client_tls("require"));
+    let mux = start_pgmux(&config_text(primary, &db, &general, "")).await;
+    let addr = mux.addr;
+
+    // 20 MB of results towards the client, in large DataRows.
+    let d = db.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        psql_stdin(
+            addr,
+            &d,
+            &[
+                "-c",
+                "SELECT repeat('x', 1000000) FROM generate_series(1, 20)",
+            ],
+            vec![],
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.len(), 20 * 1_000_000 + 19, "rows and newlines");
+
+    // 8 MB of COPY data towards the server.
+    let mut data = Vec::new();
+    for i in 0..80_000 {
+        data.extend_from_slice(format!("{}\n", "y".repeat(99 + i % 2)).as_bytes());
+    }
+    let d = db.clone();
+    tokio::task::spawn_blocking(move || {
+        psql_stdin(addr, &d, &["-c", "COPY items(v) FROM STDIN"], data)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        primary.psql_db(&db, "SELECT count(*), sum(length(v)) FROM items"),
+        "80000|7960000"
+    );
+
+    // 12 clients sharing 2 servers, 30 transactions each, over TLS.
+    let script: String = (0..30)
+        .map(|i| format!("BEGIN; INSERT INTO items(v) VALUES ('t{i}'); COMMIT;\n"))
+        .collect();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let d = db.clone();
+        let s = script.clone();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            psql_stdin(addr, &d, &["-f", "-"], s.into_bytes())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        primary.psql_db(&db, "SELECT count(*) FROM items WHERE v LIKE 't%'"),
+        "360"
+    );
+}
