@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::tls::{self, ClientStream, ClientTlsMode};
+
 use crate::cancel::SlotGuard;
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
@@ -24,7 +26,6 @@ use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::server::Server;
-use crate::tls::{self, ClientStream, ClientTlsMode};
 use crate::App;
 
 /// Memory an idle client keeps for its read buffer; more is given back after a burst.
