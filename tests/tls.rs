@@ -393,6 +393,20 @@ async fn plaintext_tokio_postgres_still_works_with_tls_on() {
             .get(0);
         assert_eq!(v, 42, "{extra}");
     }
+    // With client_tls_mode = "require", the same plaintext client is refused.
+    let strict = start_pgmux(&config_text(primary, &db, &client_tls("require"), "")).await;
+    let err = connect(strict.addr, "app", "app-secret", &db)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert!(message(&err).contains("without TLS"), "{}", message(&err));
+    // A CancelRequest needs no TLS (libpq before 17 sends it in plaintext): it is taken
+    // and the connection closed without an error.
+    let mut cancel = TcpStream::connect(strict.addr).await.unwrap();
+    let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    packet.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2]);
+    cancel.write_all(&packet).await.unwrap();
+    assert!(read_to_close(&mut cancel).await.is_empty());
 }
 
 /// A protocol 3.0 StartupMessage.
