@@ -928,3 +928,25 @@ async fn bulk_traffic_and_many_clients_over_tls() {
         "360"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_tls_server() {
+    let primary = server_ssl_on();
+    let db = fresh_db(primary, "srvcancel");
+    let general = format!(
+        "server_tls_mode = \"verify-full\"\nserver_tls_ca = \"{}\"",
+        certs().ca()
+    );
+    let text = config_text(primary, &db, &general, "")
+        .replace("host = \"127.0.0.1\"", "host = \"localhost\"");
+    let mux = start_pgmux(&text).await;
+    let client = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}

@@ -44,6 +44,10 @@ pub struct CancelKey {
     pub addr: Arc<str>,
     pub process_id: i32,
     pub secret_key: i32,
+    /// The server's host name (for TLS) and TLS settings: the cancel is sent the way
+    /// the connection itself was made.
+    pub host: Arc<str>,
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
 
 /// A logged-in server connection.
@@ -124,6 +128,8 @@ impl Server {
                 addr: Arc::from(addr),
                 process_id: 0,
                 secret_key: 0,
+                host: Arc::from(target.host.as_str()),
+                tls: target.tls.clone(),
             },
             params: Arc::new(ParamSet::default()),
             reported: Vec::new(),
