@@ -68,6 +68,19 @@ pub enum ServerTlsMode {
     VerifyFull,
 }
 
+impl ServerTlsMode {
+    /// The name as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 fn invalid(key: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -422,8 +435,8 @@ pub async fn connect_server(
             Ok(ServerStream::Plain(tcp))
         } else {
             Err(format!(
-                "server does not support TLS, but server_tls_mode = {:?}",
-                connector.mode
+                "server does not support TLS, but server_tls_mode = \"{}\"",
+                connector.mode.as_str()
             ))
         };
     }

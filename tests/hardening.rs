@@ -225,3 +225,48 @@ async fn slowloris_does_not_lock_out_real_clients() {
     }
     still_serves(mux.addr, &db, "slowloris").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_password_messages_are_refused() {
+    let primary = &cluster::shared().primary;
+    let db = fresh_db(primary, "hard_auth");
+    let mux = start_pgmux(&config_text(primary, &db, "", "")).await;
+    let mut startup = 196_608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "app"), ("database", db.as_str())] {
+        startup.extend_from_slice(k.as_bytes());
+        startup.push(0);
+        startup.extend_from_slice(v.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&startup);
+    let cases: [(&str, &[u8]); 5] = [
+        ("huge password message", b"p\x7f\xff\xff\xff"),
+        ("negative length", b"p\xff\xff\xff\xff"),
+        ("length 2", b"p\0\0\0\x02"),
+        ("a Query instead", b"Q\0\0\0\x0dSELECT 1\0"),
+        ("unknown SASL mechanism", b"p\0\0\0\x0eMD5\0\0\0\0\x02ab"),
+    ];
+    for (what, bytes) in cases {
+        let mut stream = TcpStream::connect(mux.addr).await.unwrap();
+        stream.write_all(&packet).await.unwrap();
+        // AuthenticationSASL first.
+        let (tag, _) = read_raw(&mut stream).await;
+        assert_eq!(tag, b'R', "{what}");
+        let t0 = Instant::now();
+        stream.write_all(bytes).await.unwrap();
+        let reply = reply_until_close(&mut stream, what).await;
+        assert!(t0.elapsed() < Duration::from_secs(5), "{what}");
+        assert_eq!(
+            first_error_code(&reply).as_deref(),
+            Some("08P01"),
+            "{what}: {reply:?}"
+        );
+    }
+    let client = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    assert_eq!(
+        simple_value(&client, "SELECT 1").await.as_deref(),
+        Some("1")
+    );
+}

@@ -46,7 +46,17 @@ fn write_private(path: &Path, text: &str) {
 fn certs() -> &'static Certs {
     static CERTS: OnceLock<Certs> = OnceLock::new();
     CERTS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("pgmux-tls-{}", std::process::id()));
+        let base = std::env::temp_dir();
+        // Statics are never dropped: each run removes what earlier, finished runs left.
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("pgmux-tls-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = base.join(format!("pgmux-tls-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let make_ca = |name: &str| {
@@ -753,7 +763,11 @@ async fn server_answers_are_checked() {
     let injected: &'static [u8] = b"SR\0\0\0\x08\0\0\0\0Z\0\0\0\x05I";
     let cases: [(&str, &'static [u8], &str); 3] = [
         ("require", injected, "unencrypted data"),
-        ("require", b"N", "server does not support TLS"),
+        (
+            "require",
+            b"N",
+            "server does not support TLS, but server_tls_mode = \"require\"",
+        ),
         ("prefer", b"E", "unexpected response"),
     ];
     for (mode, answer, expect) in cases {
