@@ -72,6 +72,14 @@ impl App {
     pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
         let tls = tls::acceptor(&config)?;
         let server_tls = tls::connector(&config)?;
+        Ok(App::with_tls(config, tls, server_tls))
+    }
+
+    fn with_tls(
+        config: Config,
+        tls: Option<tls::Acceptor>,
+        server_tls: Option<Arc<tls::Connector>>,
+    ) -> Arc<App> {
         let users = config
             .users
             .iter()
@@ -85,7 +93,7 @@ impl App {
                 (name.clone(), limit)
             })
             .collect();
-        Ok(Arc::new(App {
+        Arc::new(App {
             config,
             users,
             pools: Mutex::new(HashMap::new()),
@@ -95,7 +103,7 @@ impl App {
             shutdown: CancellationToken::new(),
             tls,
             server_tls,
-        }))
+        })
     }
 
     /// Counts a client in, unless `max_client_conn` are connected already.
