@@ -118,11 +118,18 @@ async fn tell(stream: &mut ClientStream, e: &Error) {
     let mut buf = BytesMut::new();
     e.write_response(&mut buf);
     if !buf.is_empty() {
-        let _ = send(stream, &buf).await;
-        // A TLS client reads the error before close_notify, not a reset.
-        let _ = stream.shutdown().await;
+        // A client that does not read must not keep the task alive.
+        let _ = tokio::time::timeout(TELL_TIMEOUT, async {
+            let _ = send(stream, &buf).await;
+            // A TLS client reads the error before close_notify, not a reset.
+            let _ = stream.shutdown().await;
+        })
+        .await;
     }
 }
+
+/// How long a last error message may take to go out.
+const TELL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes `buf` and flushes: a TLS stream may keep bytes until it is flushed.
 async fn send(stream: &mut ClientStream, buf: &[u8]) -> Result<()> {
