@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+pub use crate::tls::{ClientTlsMode, ServerTlsMode};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +45,10 @@ pub enum AuthType {
     Plain,
     #[serde(rename = "trust")]
     Trust,
+    /// A TLS client certificate, verified against `client_tls_ca`, whose common name
+    /// is the user name.
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 /// Settings under `[pgmux]`.
@@ -110,6 +116,30 @@ pub struct General {
     /// Time given to clients and transactions to finish after SIGTERM.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// TLS towards clients; see [`crate::tls`].
+    #[serde(default)]
+    pub client_tls_mode: ClientTlsMode,
+    /// PEM certificate chain pgmux presents to clients.
+    #[serde(default)]
+    pub client_tls_cert: Option<PathBuf>,
+    /// PEM private key of `client_tls_cert`.
+    #[serde(default)]
+    pub client_tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against; unset means
+    /// clients are not asked for certificates.
+    #[serde(default)]
+    pub client_tls_ca: Option<PathBuf>,
+    /// TLS towards servers, as libpq's `sslmode`.
+    #[serde(default)]
+    pub server_tls_mode: ServerTlsMode,
+    /// PEM CA certificates that server certificates are verified against.
+    #[serde(default)]
+    pub server_tls_ca: Option<PathBuf>,
+    /// PEM client certificate pgmux presents to servers (with `server_tls_key`).
+    #[serde(default)]
+    pub server_tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub server_tls_key: Option<PathBuf>,
 }
 
 /// A `[users.NAME]` table: the credentials clients present, also used towards the server.
@@ -268,6 +298,9 @@ impl Config {
         if g.client_login_timeout.is_zero() {
             return Err(invalid("pgmux.client_login_timeout", "must be positive"));
         }
+        // Loads the certificates and keys, so a bad path or PEM file fails the check.
+        crate::tls::acceptor(self)?;
+        crate::tls::connector(self)?;
         if self.databases.contains_key(crate::ADMIN_DATABASE) {
             return Err(invalid(
                 "databases.pgmux",

@@ -21,6 +21,7 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod sql;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +59,10 @@ pub struct App {
     clients: Arc<AtomicUsize>,
     /// Cancelled when pgmux starts shutting down.
     pub shutdown: CancellationToken,
+    /// TLS towards clients, unless `client_tls_mode = "disable"`.
+    pub tls: Option<tls::Acceptor>,
+    /// TLS towards servers, unless `server_tls_mode = "disable"`.
+    server_tls: Option<Arc<tls::Connector>>,
 }
 
 /// The pools of one (database, user) pair: the primary's, and one per replica.
@@ -77,7 +82,18 @@ impl Drop for Admission {
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<App> {
+    /// Fails if the TLS certificates or keys cannot be loaded.
+    pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
+        let tls = tls::acceptor(&config)?;
+        let server_tls = tls::connector(&config)?;
+        Ok(App::with_tls(config, tls, server_tls))
+    }
+
+    fn with_tls(
+        config: Config,
+        tls: Option<tls::Acceptor>,
+        server_tls: Option<Arc<tls::Connector>>,
+    ) -> Arc<App> {
         let users = config
             .users
             .iter()
@@ -121,6 +137,7 @@ impl App {
                     dbname: db.server_dbname(name).to_string(),
                     user: user.clone(),
                     password: password.clone(),
+                    tls: server_tls.clone(),
                 };
                 let replicas = db
                     .replicas
@@ -155,6 +172,8 @@ impl App {
             cancels: Arc::new(cancel::Registry::default()),
             clients: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
+            tls,
+            server_tls,
         })
     }
 
@@ -210,6 +229,7 @@ impl App {
             dbname: db.server_dbname(database).to_string(),
             user: user.to_string(),
             password: user_config.password.clone(),
+            tls: self.server_tls.clone(),
         };
         let settings = self.config.pool_settings(db, user_config);
         let statements = Arc::new(prepared::Registry::default());
@@ -307,7 +327,8 @@ impl Running {
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.pgmux.listen).await?;
     let addr = listener.local_addr()?;
-    let app = App::new(config);
+    let app = App::new(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let accept = tokio::spawn(listen(listener, Arc::clone(&app)));
     info!(listen = %addr, "pgmux is accepting clients");
     Ok(Running { addr, app, accept })
@@ -330,5 +351,31 @@ async fn listen(listener: TcpListener, app: Arc<App>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection task that panics while holding the pools lock poisons it; the
+    /// other connections must go on (tokio keeps the panic inside the task, and every
+    /// lock is taken with `unwrap_or_else(|e| e.into_inner())`).
+    #[tokio::test]
+    async fn a_poisoned_pools_lock_does_not_stop_other_clients() {
+        let config =
+            Config::parse("[pgmux]\n[users.app]\npassword = \"x\"\n[databases.db]\nport = 1\n")
+                .unwrap();
+        let app = App::new(config).unwrap();
+        let other = Arc::clone(&app);
+        let panicked = tokio::spawn(async move {
+            let _held = other.pools.lock().unwrap();
+            panic!("a bug in one connection task");
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert!(app.pools.is_poisoned());
+        assert!(app.pool("db", "app").is_ok());
+        assert!(app.pool_snapshot("db", "app").is_some());
     }
 }

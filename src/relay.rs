@@ -396,6 +396,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn write_to_client(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         let ready = self.server.flow.ready();
         if ready.is_empty() {
+            // A TLS stream may still hold written bytes; plain TCP returns at once.
+            flush(&mut *self.client.stream, cx).map_err(Error::ClientIo)?;
             return Ok(false);
         }
         match Pin::new(&mut *self.client.stream).poll_write(cx, ready) {
@@ -415,6 +417,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn write_to_server(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         let ready = self.client.flow.ready();
         if ready.is_empty() {
+            // As for the client: TLS may hold bytes until flushed.
+            if let Err(e) = flush(&mut self.server.stream, cx) {
+                return Err(self.server_failed(e));
+            }
             return Ok(false);
         }
         match Pin::new(&mut self.server.stream).poll_write(cx, ready) {
@@ -836,6 +842,7 @@ pub async fn settle(
             tracker.unsynced = false;
         }
         server.stream.write_all(&out).await.ok()?;
+        server.stream.flush().await.ok()?;
         if tracker.pending > 0 {
             crate::cancel::send(&server.cancel_key).await;
         }

@@ -25,6 +25,8 @@ pub struct Target {
     pub dbname: String,
     pub user: String,
     pub password: String,
+    /// TLS settings, unless `server_tls_mode = "disable"`.
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
 
 impl Target {
@@ -42,11 +44,15 @@ pub struct CancelKey {
     pub addr: Arc<str>,
     pub process_id: i32,
     pub secret_key: i32,
+    /// The server's host name (for TLS) and TLS settings: the cancel is sent the way
+    /// the connection itself was made.
+    pub host: Arc<str>,
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
 
 /// A logged-in server connection.
 pub struct Server {
-    pub stream: TcpStream,
+    pub stream: crate::tls::ServerStream,
     /// Bytes read from the server and not yet delivered; see [`crate::relay::Flow`].
     pub flow: crate::relay::Flow,
     pub cancel_key: CancelKey,
@@ -94,8 +100,14 @@ impl Server {
             addr: addr.to_string(),
             reason: e.to_string(),
         };
-        let mut stream = TcpStream::connect(addr).await.map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
+        let tcp = TcpStream::connect(addr).await.map_err(connect_error)?;
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        let mut stream = crate::tls::connect_server(tcp, &target.host, target.tls.as_deref())
+            .await
+            .map_err(|reason| Error::Connect {
+                addr: addr.to_string(),
+                reason,
+            })?;
 
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -107,6 +119,7 @@ impl Server {
         )
         .map_err(connect_error)?;
         stream.write_all(&out).await.map_err(connect_error)?;
+        stream.flush().await.map_err(connect_error)?;
 
         let mut server = Server {
             stream,
@@ -115,6 +128,8 @@ impl Server {
                 addr: Arc::from(addr),
                 process_id: 0,
                 secret_key: 0,
+                host: Arc::from(target.host.as_str()),
+                tls: target.tls.clone(),
             },
             params: Arc::new(ParamSet::default()),
             reported: Vec::new(),
@@ -150,6 +165,7 @@ impl Server {
 
     async fn send(&mut self, out: &mut BytesMut) -> Result<()> {
         self.stream.write_all(out).await.map_err(Error::ServerIo)?;
+        self.stream.flush().await.map_err(Error::ServerIo)?;
         out.clear();
         Ok(())
     }
@@ -177,26 +193,32 @@ impl Server {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut offered = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms
                         .next()
                         .map_err(|e| Error::ServerProtocol(e.to_string()))?
                     {
-                        offered |= m == sasl::SCRAM_SHA_256;
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !offered {
-                        return Err(Error::ServerProtocol(
-                            "server offered no SASL mechanism pgmux supports".into(),
-                        ));
-                    }
-                    let client =
-                        ScramSha256::new(target.password.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        client.message(),
-                        &mut out,
-                    )
-                    .map_err(Error::ServerIo)?;
+                    // Over TLS, bind the exchange to the server's certificate when the
+                    // server offers it: a man in the middle then cannot relay it.
+                    let end_point = self.stream.server_end_point().filter(|_| plus);
+                    let (mechanism, binding) = match end_point {
+                        Some(data) => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
+                        None if plain => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        None => {
+                            return Err(Error::ServerProtocol(
+                                "server offered no SASL mechanism pgmux supports".into(),
+                            ))
+                        }
+                    };
+                    let client = ScramSha256::new(target.password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, client.message(), &mut out)
+                        .map_err(Error::ServerIo)?;
                     self.send(&mut out).await?;
                     scram = Some(client);
                 }
