@@ -511,8 +511,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     t.unsynced = true;
                     t.syncs_since_execute = 0;
                 }
-                tag::FLUSH if t.copy_in => {}
-                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => t.unsynced = true,
+                // A Flush starts nothing the server must finish: drivers in pipeline
+                // mode send one right behind their Sync (to read the results at once),
+                // and that must not keep the server from being released after it.
+                tag::FLUSH => {}
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => t.unsynced = true,
                 tag::COPY_DATA => {}
                 tag::COPY_DONE | tag::COPY_FAIL => t.copy_in = false,
                 tag::TERMINATE => {
