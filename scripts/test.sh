@@ -2,6 +2,27 @@
 # The test command: unit tests and integration tests. The integration tests start their
 # own PostgreSQL 15 servers from /usr/lib/postgresql/15/bin. Extra arguments go to
 # `cargo test`, e.g. `scripts/test.sh --test smoke`.
+#
+# The driver tests (tests/drivers.rs) run Python drivers from a virtualenv made here,
+# target/venv (PGMUX_TEST_VENV to put it elsewhere), with the versions pinned in
+# tests/drivers/requirements.txt. It is reused while those pins stay the same.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+venv=${PGMUX_TEST_VENV:-$PWD/target/venv}
+requirements=tests/drivers/requirements.txt
+if ! cmp -s "$requirements" "$venv/requirements.txt" ||
+    ! "$venv/bin/python" -c 'import asyncpg, psycopg' 2>/dev/null; then
+    echo "test.sh: creating the Python virtualenv $venv for the driver tests" >&2
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv"; then
+        echo "test.sh: 'python3 -m venv' failed; on Debian, apt-get install python3-venv" >&2
+        exit 1
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --no-input -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
+fi
+export PGMUX_TEST_PYTHON=$venv/bin/python
+
 exec cargo test "$@"
