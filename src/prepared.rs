@@ -109,6 +109,20 @@ impl Registry {
         stmt
     }
 
+    /// Stops handing out `stmt` for its text: the next Parse of that text gets a new
+    /// server-side name. Clients holding `stmt` keep it.
+    fn retire(&self, stmt: &Statement) {
+        let name_end = 5 + stmt.name.len() + 1;
+        let spec = &stmt.parse[name_end..];
+        let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(spec)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), stmt))
+        {
+            map.remove(spec);
+        }
+    }
+
     /// The statement for `spec` if some server has accepted it.
     fn validated(&self, spec: &[u8]) -> Option<Arc<Statement>> {
         let map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,6 +227,9 @@ enum Undo {
         name: Box<[u8]>,
         stmt: Arc<Statement>,
     },
+    /// A Bind or Describe of this statement: nothing to take back, but an error saying
+    /// its plan went stale retires it.
+    Uses(Arc<Statement>),
 }
 
 /// What the relay does with a client message after [`ClientStatements::on_client`].
@@ -443,13 +460,15 @@ impl ClientStatements {
         let server_name = match self.map.get(name) {
             Some(stmt) => {
                 let stmt = Arc::clone(stmt);
+                // Keep the Bind's expectation behind the ones of what is sent first.
+                self.expect.pop_back();
                 if !server.touch(&stmt.name) {
-                    // Keep the Bind's expectation behind the ones of what is sent first.
-                    let bind = self.expect.pop_back().expect("just pushed");
                     self.prepare_on_server(&stmt, server, true);
-                    self.expect.push_back(bind);
                 }
-                stmt.name.clone()
+                let name = stmt.name.clone();
+                self.expect
+                    .push_back(Expect::Relay(Kind::Bind, Undo::Uses(stmt)));
+                name
             }
             None if name.starts_with(NAME_PREFIX.as_bytes()) => {
                 Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
@@ -481,12 +500,14 @@ impl ClientStatements {
         let server_name = match self.map.get(name) {
             Some(stmt) => {
                 let stmt = Arc::clone(stmt);
+                self.expect.pop_back();
                 if !server.touch(&stmt.name) {
-                    let describe = self.expect.pop_back().expect("just pushed");
                     self.prepare_on_server(&stmt, server, true);
-                    self.expect.push_back(describe);
                 }
-                stmt.name.clone()
+                let name = stmt.name.clone();
+                self.expect
+                    .push_back(Expect::Relay(Kind::Describe, Undo::Uses(stmt)));
+                name
             }
             None if name.starts_with(NAME_PREFIX.as_bytes()) => {
                 Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
@@ -541,8 +562,8 @@ impl ClientStatements {
         Action::Forward
     }
 
-    /// Looks at a server message (`body` given for CommandComplete only, empty
-    /// otherwise) and says what the client gets of it.
+    /// Looks at a server message (`body` given for CommandComplete and ErrorResponse
+    /// only, empty otherwise) and says what the client gets of it.
     pub fn on_server(
         &mut self,
         tag: u8,
@@ -553,7 +574,7 @@ impl ClientStatements {
             btag::NOTICE_RESPONSE | btag::PARAMETER_STATUS | btag::NOTIFICATION_RESPONSE => {
                 return Disposition::Keep
             }
-            btag::ERROR_RESPONSE => return self.on_error(server),
+            btag::ERROR_RESPONSE => return self.on_error(body, server),
             btag::COMMAND_COMPLETE => self.command_complete(body, server),
             btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => {
                 // Syncs sent behind the Execute that started COPY FROM STDIN are ignored
@@ -636,7 +657,7 @@ impl ClientStatements {
         }
     }
 
-    fn on_error(&mut self, server: &mut Option<ServerStatements>) -> Disposition {
+    fn on_error(&mut self, body: &[u8], server: &mut Option<ServerStatements>) -> Disposition {
         let Some(front) = self.expect.front() else {
             return Disposition::Keep;
         };
@@ -647,6 +668,15 @@ impl ClientStatements {
             return Disposition::Keep;
         }
         let failed = self.expect.pop_front().expect("front exists");
+        if let Expect::Relay(_, Undo::Uses(stmt)) = &failed {
+            if is_stale_plan(body) {
+                // The schema changed under the statement (PostgreSQL: "cached plan must
+                // not change result type"). A driver answers by preparing the text
+                // again, under a new name; were that mapped to this server-side
+                // statement, it would fail the same way on every server that holds it.
+                self.registry.retire(stmt);
+            }
+        }
         let disposition = match &failed {
             Expect::Refused(error) => {
                 self.out.clear();
@@ -700,6 +730,7 @@ impl ClientStatements {
                 }
             }
             Undo::ServerParse(stmt) => forget_on_server(&stmt.name),
+            Undo::Uses(_) => {}
             Undo::ClientClose { name, stmt } => {
                 self.map.entry(name).or_insert(stmt);
             }
@@ -831,6 +862,23 @@ pub enum Local {
     /// Answerable so far, but not complete: read more first.
     Incomplete,
     NeedsServer,
+}
+
+/// Whether an ErrorResponse body is PostgreSQL's refusal to run a prepared statement
+/// whose result type changed since it was prepared. The routine name is checked as well
+/// as the message, which lc_messages may translate.
+fn is_stale_plan(body: &[u8]) -> bool {
+    let mut code = false;
+    let mut stale = false;
+    for field in body.split(|b| *b == 0) {
+        match field.split_first() {
+            Some((b'C', value)) => code = value == b"0A000",
+            Some((b'R', value)) => stale |= value == b"RevalidateCachedQuery",
+            Some((b'M', value)) => stale |= value == b"cached plan must not change result type",
+            _ => {}
+        }
+    }
+    code && stale
 }
 
 fn close_statement(out: &mut BytesMut, name: &str) {

@@ -585,7 +585,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             };
             let disposition = match self.client.prepared.as_deref_mut() {
                 Some(statements) => {
-                    let body = if frame.tag == btag::COMMAND_COMPLETE {
+                    let body = if matches!(frame.tag, btag::COMMAND_COMPLETE | btag::ERROR_RESPONSE)
+                    {
                         self.server.flow.body(frame)
                     } else {
                         &[]

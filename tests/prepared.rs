@@ -337,3 +337,34 @@ async fn a_prepare_while_idle_needs_no_server() {
     assert_eq!(local, 1);
     tx.commit().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_prepared_again_after_a_schema_change_gets_a_fresh_statement() {
+    let (db, mux) = setup("prep_ddl", "default_pool_size = 1\nauth_type = \"trust\"").await;
+    let a = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    a.batch_execute("CREATE TABLE ddl_t(x int); INSERT INTO ddl_t VALUES (1)")
+        .await
+        .unwrap();
+    let old_a = a.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(a.query_one(&old_a, &[]).await.unwrap().len(), 1);
+    // Another client holds the same text, so the server-side statement lives on.
+    let b = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let old_b = b.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(b.query_one(&old_b, &[]).await.unwrap().len(), 1);
+
+    a.batch_execute("ALTER TABLE ddl_t ADD COLUMN y int DEFAULT 7")
+        .await
+        .unwrap();
+    // As from PostgreSQL: the old statement refuses to run...
+    let err = a.query_one(&old_a, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    // ...and preparing the text again, as drivers then do, gives the new result type.
+    let new_a = a.prepare("SELECT * FROM ddl_t").await.unwrap();
+    let row = a.query_one(&new_a, &[]).await.unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 7));
+    // The other client's old statement fails the same way, until it prepares again.
+    let err = b.query_one(&old_b, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    let new_b = b.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(b.query_one(&new_b, &[]).await.unwrap().len(), 2);
+}
