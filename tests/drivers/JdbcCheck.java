@@ -6,7 +6,8 @@
 // fifth execution on (prepareThreshold = 5), keeps it for the connection's life, and
 // with autocommit off sends BEGIN in the same round trip as the first statement. Each
 // thread has its own connection, more than pgmux has servers, and runs a statement 25
-// times, batches, and transactions. Prints "ok backend_pids=N"; exits 1 on any error.
+// times, batches, and transactions; then a schema change under named statements.
+// Prints "ok backend_pids=N"; exits 1 on any error.
 
 import java.sql.Connection;
 import java.sql.DriverManager;
@@ -94,6 +95,30 @@ public class JdbcCheck {
         }
     }
 
+    // After ALTER TABLE, a named statement fails with "cached plan must not change result
+    // type"; pgjdbc then prepares it again and retries by itself (autocommit on).
+    static void schemaChange(String url, String user, String password) throws SQLException {
+        try (Connection a = DriverManager.getConnection(url, user, password);
+                Connection b = DriverManager.getConnection(url, user, password)) {
+            a.createStatement().execute(
+                    "CREATE TABLE jdbc_ddl(x int); INSERT INTO jdbc_ddl VALUES (1)");
+            PreparedStatement pa = a.prepareStatement("SELECT * FROM jdbc_ddl");
+            PreparedStatement pb = b.prepareStatement("SELECT * FROM jdbc_ddl");
+            for (int i = 0; i < 6; i++) {
+                pa.executeQuery().close();
+                pb.executeQuery().close();
+            }
+            a.createStatement().execute("ALTER TABLE jdbc_ddl ADD COLUMN y int DEFAULT 7");
+            for (PreparedStatement p : new PreparedStatement[] {pa, pb, pa, pb}) {
+                try (ResultSet rs = p.executeQuery()) {
+                    check(rs.next(), "a row");
+                    check(rs.getMetaData().getColumnCount() == 2, "the new column");
+                    check(rs.getInt(2) == 7, "its default");
+                }
+            }
+        }
+    }
+
     public static void main(String[] args) throws Exception {
         String url = args[0];
         String user = args[1];
@@ -125,6 +150,7 @@ public class JdbcCheck {
             }
             System.exit(1);
         }
+        schemaChange(url, user, password);
         System.out.println("ok backend_pids=" + pids.size());
     }
 }

@@ -5,8 +5,8 @@ Usage: asyncpg_check.py DSN CONNECTIONS
 asyncpg prepares every query as a named statement (its statement cache, on by default)
 and keeps it for the life of the connection. Several connections, more than pgmux has
 servers, run cached queries, a Connection.prepare() statement reused across many
-transactions, executemany, and a Pool. Prints one JSON line with what it saw; any
-exception fails the run (exit status 1).
+transactions, executemany, a Pool, and a schema change under cached statements.
+Prints one JSON line with what it saw; any exception fails the run (exit status 1).
 """
 
 import asyncio
@@ -77,11 +77,31 @@ async def with_pool(dsn, tasks):
         await asyncio.wait_for(pool.close(), 20)
 
 
+async def schema_change(dsn):
+    # After ALTER TABLE, a cached statement fails with "cached plan must not change
+    # result type"; asyncpg then prepares the query again and retries it by itself.
+    a = await asyncpg.connect(dsn, timeout=20)
+    b = await asyncpg.connect(dsn, timeout=20)
+    try:
+        await a.execute("CREATE TABLE ddl_t(x int); INSERT INTO ddl_t VALUES (1)")
+        for conn in (a, b):
+            rows = await conn.fetch("SELECT * FROM ddl_t WHERE x > $1", 0)
+            assert [tuple(r) for r in rows] == [(1,)], rows
+        await a.execute("ALTER TABLE ddl_t ADD COLUMN y int DEFAULT 7")
+        for conn in (a, b, a, b):
+            rows = await conn.fetch("SELECT * FROM ddl_t WHERE x > $1", 0)
+            assert [tuple(r) for r in rows] == [(1, 7)], rows
+    finally:
+        await a.close(timeout=10)
+        await b.close(timeout=10)
+
+
 async def main():
     dsn = sys.argv[1]
     connections = int(sys.argv[2])
     results = await asyncio.gather(*(one_connection(dsn, i) for i in range(connections)))
     await with_pool(dsn, 12)
+    await schema_change(dsn)
     pids = set().union(*results)
     print(json.dumps({"asyncpg": asyncpg.__version__, "backend_pids": len(pids)}))
 
