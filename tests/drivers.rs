@@ -445,3 +445,43 @@ async fn sqlx_pool_larger_than_pgmux_pool() {
     assert!(s.server_parses < s.client_parses, "{s:?}");
     mux.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_pool_with_named_queries() {
+    let modules = match std::env::var_os("PGMUX_TEST_NODE_MODULES") {
+        Some(p) => PathBuf::from(p),
+        None => manifest_dir().join("target/node/node_modules"),
+    };
+    assert!(
+        modules.join("pg").exists(),
+        "node-postgres is missing from {}: run scripts/test.sh, which installs it there \
+         with npm ci and sets PGMUX_TEST_NODE_MODULES",
+        modules.display()
+    );
+    let (db, mux) = setup("drv_node").await;
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", &modules)
+        .arg(script("pg_check.js"))
+        .arg(dsn(&mux, &db))
+        .arg("16");
+    let out = run_child(cmd, Duration::from_secs(120)).await;
+    out.assert_clean("node-postgres");
+    eprintln!(
+        "node-postgres: {} {:?}",
+        out.stdout.trim(),
+        stats(&mux, &db)
+    );
+    assert!(
+        out.stdout.contains("\"backend_pids\":2"),
+        "named queries ran on both servers: {}",
+        out.describe()
+    );
+    let s = stats(&mux, &db);
+    assert!(s.client_parses > 0, "{s:?}");
+    assert!(s.server_parses < s.client_parses, "{s:?}");
+    assert_eq!(
+        clusters_count(&db, "SELECT count(*) FROM items WHERE v LIKE 'node %'"),
+        16 * 4
+    );
+    mux.shutdown(Duration::from_secs(2)).await;
+}
