@@ -214,6 +214,12 @@ async fn pgbench_prepared_select_only_and_tpcb() {
         select_only.server_parses >= 2,
         "the statement was prepared on both servers: {select_only:?}"
     );
+    // pgbench prepares with Parse+Sync, which pgmux answers without a server once some
+    // server has accepted the text.
+    assert!(
+        select_only.local_answers > 0,
+        "prepares answered without a server: {select_only:?}"
+    );
 
     // TPC-B-like: BEGIN, three UPDATEs, a SELECT, an INSERT, END, all prepared.
     let run = run_child(
