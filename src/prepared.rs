@@ -901,3 +901,46 @@ fn deallocate_target(text: &[u8]) -> Option<String> {
     }
     crate::sql::deallocate_name(std::str::from_utf8(text).ok()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale_plan;
+
+    fn body(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, v) in fields {
+            b.push(*t);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn stale_plans_are_told_by_code_and_routine_or_message() {
+        let english = body(&[
+            (b'S', "ERROR"),
+            (b'C', "0A000"),
+            (b'M', "cached plan must not change result type"),
+            (b'F', "plancache.c"),
+            (b'R', "RevalidateCachedQuery"),
+        ]);
+        assert!(is_stale_plan(&english));
+        // lc_messages translates the message, not the routine name.
+        let german = body(&[
+            (b'C', "0A000"),
+            (b'M', "gecachter Plan darf den Ergebnistyp nicht ändern"),
+            (b'R', "RevalidateCachedQuery"),
+        ]);
+        assert!(is_stale_plan(&german));
+        let other = body(&[
+            (b'C', "0A000"),
+            (b'M', "cannot insert into view"),
+            (b'R', "ExecInitModifyTable"),
+        ]);
+        assert!(!is_stale_plan(&other));
+        let wrong_code = body(&[(b'C', "42P01"), (b'R', "RevalidateCachedQuery")]);
+        assert!(!is_stale_plan(&wrong_code));
+    }
+}
