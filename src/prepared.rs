@@ -40,6 +40,10 @@ pub const NAME_PREFIX: &str = "__pgmux_";
 /// own, and that the client never prepared, are sent as this one.
 const UNKNOWN_NAME: &[u8] = b"__pgmux_unknown";
 
+/// An empty statement pgmux prepares only for a client's extended-protocol DEALLOCATE
+/// to remove, so that the client's DEALLOCATE runs and answers as it would have.
+const DEALLOCATED_NAME: &str = "__pgmux_deallocated";
+
 /// One distinct statement of a pool: its server-side name and the Parse that creates it.
 #[derive(Debug)]
 pub struct Statement {
@@ -266,6 +270,9 @@ pub struct ClientStatements {
     /// An error arrived and the client has not sent its Sync yet: the server ignores
     /// everything until then, and so does the bookkeeping.
     skipping: bool,
+    /// DEALLOCATEs of [`DEALLOCATED_NAME`] sent for the client and not yet completed:
+    /// their CommandComplete says nothing about pgmux's statements on the server.
+    own_deallocates: u32,
     /// Scratch space for rewritten messages; reused, so steady state allocates nothing.
     pub out: BytesMut,
 }
@@ -279,6 +286,7 @@ impl ClientStatements {
             server_cap,
             expect: VecDeque::new(),
             skipping: false,
+            own_deallocates: 0,
             out: BytesMut::new(),
         }
     }
@@ -301,6 +309,7 @@ impl ClientStatements {
     pub fn reset_request(&mut self) {
         self.expect.clear();
         self.skipping = false;
+        self.own_deallocates = 0;
     }
 
     fn stats(&self) -> &Stats {
@@ -352,6 +361,9 @@ impl ClientStatements {
             return Action::Forward;
         };
         if name.is_empty() {
+            if let Some(action) = self.extended_deallocate(spec) {
+                return action;
+            }
             self.expect
                 .push_back(Expect::Relay(Kind::Parse, Undo::None));
             return Action::Forward;
@@ -392,6 +404,30 @@ impl ClientStatements {
         };
         self.expect.push_back(Expect::Relay(Kind::Parse, undo));
         Action::Replace
+    }
+
+    /// An unnamed Parse of `DEALLOCATE name` for a statement the client holds, as
+    /// drivers send in pipeline mode, where the simple query protocol is not allowed
+    /// (psycopg past prepared_max with libpq before 17). The server knows the statement
+    /// by another name, so the client's name is dropped here, and the DEALLOCATE is
+    /// pointed at an empty statement made for it: Bind and Execute then answer as they
+    /// would have, with CommandComplete `DEALLOCATE`.
+    fn extended_deallocate(&mut self, spec: &[u8]) -> Option<Action> {
+        let (text, _) = cstr(spec)?;
+        let target = deallocate_target(text)?;
+        let (name, stmt) = self.map.remove_entry(target.as_bytes())?;
+        self.out.clear();
+        close_statement(&mut self.out, DEALLOCATED_NAME);
+        self.expect
+            .push_back(Expect::Hidden(Kind::Close, Undo::None));
+        put_parse(&mut self.out, DEALLOCATED_NAME, "");
+        self.expect
+            .push_back(Expect::Hidden(Kind::Parse, Undo::None));
+        put_parse(&mut self.out, "", &format!("DEALLOCATE {DEALLOCATED_NAME}"));
+        self.expect
+            .push_back(Expect::Relay(Kind::Parse, Undo::ClientClose { name, stmt }));
+        self.own_deallocates += 1;
+        Some(Action::Replace)
     }
 
     /// Appends to `out` what creates `stmt` on the server: Closes of statements evicted
@@ -639,6 +675,7 @@ impl ClientStatements {
                 self.map.clear();
                 self.forget_server(server);
             }
+            b"DEALLOCATE" if self.own_deallocates > 0 => self.own_deallocates -= 1,
             // The client deallocated something by a name it never prepared through
             // the protocol: it may have been one of pgmux's.
             b"DEALLOCATE" => self.forget_server(server),
@@ -879,6 +916,17 @@ fn is_stale_plan(body: &[u8]) -> bool {
         }
     }
     code && stale
+}
+
+/// Appends a Parse of `query`, without parameter types, as statement `name`.
+fn put_parse(out: &mut BytesMut, name: &str, query: &str) {
+    out.put_u8(tag::PARSE);
+    out.put_i32((4 + name.len() + 1 + query.len() + 1 + 2) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(query.as_bytes());
+    out.put_u8(0);
+    out.put_i16(0);
 }
 
 fn close_statement(out: &mut BytesMut, name: &str) {

@@ -368,3 +368,57 @@ async fn a_text_prepared_again_after_a_schema_change_gets_a_fresh_statement() {
     let new_b = b.prepare("SELECT * FROM ddl_t").await.unwrap();
     assert_eq!(b.query_one(&new_b, &[]).await.unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_in_an_extended_query_drops_the_client_name() {
+    let (db, mux) = setup(
+        "prep_xdealloc",
+        "default_pool_size = 1\nauth_type = \"trust\"",
+    )
+    .await;
+    // Another client holds the same text, so the server-side statement must survive.
+    let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let kept = other.prepare("SELECT 'shared'").await.unwrap();
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'shared'");
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "12DCZ");
+
+    // What libpq's pipeline mode makes of a SQL DEALLOCATE: an unnamed statement.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE s1");
+    bind_execute(&mut m, "");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12CZ", "{answer:?}");
+    assert_eq!(answer[2].1, b"DEALLOCATE\0");
+    // The client's name is gone, as after DEALLOCATE in PostgreSQL...
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+    // ...and free again.
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'again'");
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12DCZ");
+    assert_eq!(&answer[2].1[6..], b"again");
+    // A name the client never prepared fails on the server, as it would without pgmux.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE never_prepared");
+    bind_execute(&mut m, "");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(
+        error_code(&answer[answer.len() - 2].1),
+        "26000",
+        "{answer:?}"
+    );
+    // The other client's statement was never touched.
+    let row = other.query_one(&kept, &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "shared");
+}
