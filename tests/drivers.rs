@@ -328,6 +328,31 @@ async fn psycopg_past_prepare_threshold_and_pipeline() {
     mux.shutdown(Duration::from_secs(2)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_on_the_system_libpq() {
+    let python = python();
+    let (db, mux) = setup("drv_psycopg_libpq").await;
+    let mut cmd = Command::new(python);
+    cmd.env("PSYCOPG_IMPL", "python")
+        .arg(script("psycopg_check.py"))
+        .arg(dsn(&mux, &db))
+        .arg("3");
+    let out = run_child(cmd, Duration::from_secs(120)).await;
+    out.assert_clean("psycopg (system libpq)");
+    eprintln!(
+        "psycopg, system libpq: {} {:?}",
+        out.stdout.trim(),
+        stats(&mux, &db)
+    );
+    assert!(
+        out.stdout.contains("\"impl\": \"python\""),
+        "{}",
+        out.describe()
+    );
+    assert!(backend_pids(&out) >= 2, "{}", out.describe());
+    mux.shutdown(Duration::from_secs(2)).await;
+}
+
 /// Compiles JdbcCheck.java once per test run into the target's scratch directory.
 async fn jdbc_classes(jar: &Path) -> PathBuf {
     let classes = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("jdbc-classes");

@@ -2,11 +2,15 @@
 
 Usage: psycopg_check.py DSN CONNECTIONS
 
+With PSYCOPG_IMPL=python, psycopg runs on the system's libpq instead of the one in
+psycopg-binary; before libpq 17 it deallocates with SQL instead of a protocol Close.
+
 psycopg prepares a query as a named statement (_pg3_N) once it has run
 prepare_threshold (default 5) times on a connection, and deallocates the least recently
 used one past prepared_max (default 100). Threads, more than pgmux has servers, each run
 the same query 20 times (autocommit off, psycopg's default, committing each time, and
-autocommit on), more than prepared_max distinct prepared queries, and pipeline mode.
+autocommit on), more than prepared_max distinct prepared queries, and pipeline mode
+(also past prepared_max).
 Prints one JSON line; any exception fails the run (exit status 1).
 """
 
@@ -76,6 +80,16 @@ def check(dsn, i, pids):
         n = conn.execute("SELECT count(*) FROM items WHERE v LIKE %s", (f"pipe tx {i} %",)).fetchone()[0]
         assert n == 10, n
 
+    # Pipeline mode past prepared_max: psycopg deallocates from inside the pipeline,
+    # with a protocol Close (libpq 17 and later) or an extended-protocol DEALLOCATE.
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=20) as conn:
+        with conn.pipeline() as p:
+            for q in range(110):
+                for r in range(6):
+                    cur = conn.execute(f"SELECT {q} * 2 + %s::int", (r,))
+                    p.sync()
+                    assert cur.fetchone()[0] == q * 2 + r
+
     # Pipeline mode with autocommit off: psycopg pipelines BEGIN with the statements.
     with psycopg.connect(dsn, connect_timeout=20) as conn:
         for r in range(10):
@@ -107,7 +121,16 @@ def main():
     if errors:
         print("\n".join(errors), file=sys.stderr)
         sys.exit(1)
-    print(json.dumps({"psycopg": psycopg.__version__, "backend_pids": len(pids)}))
+    print(
+        json.dumps(
+            {
+                "psycopg": psycopg.__version__,
+                "impl": psycopg.pq.__impl__,
+                "libpq": psycopg.pq.version(),
+                "backend_pids": len(pids),
+            }
+        )
+    )
 
 
 main()
