@@ -234,6 +234,9 @@ enum Undo {
     /// A Bind or Describe of this statement: nothing to take back, but an error saying
     /// its plan went stale retires it.
     Uses(Arc<Statement>),
+    /// A DEALLOCATE ALL or DISCARD ALL: the client's names it dropped when sent, given
+    /// back if it fails.
+    Reset(HashMap<Box<[u8]>, Arc<Statement>>),
 }
 
 /// What the relay does with a client message after [`ClientStatements::on_client`].
@@ -273,6 +276,9 @@ pub struct ClientStatements {
     /// DEALLOCATEs of [`DEALLOCATED_NAME`] sent for the client and not yet completed:
     /// their CommandComplete says nothing about pgmux's statements on the server.
     own_deallocates: u32,
+    /// The client's names an unnamed Parse of DEALLOCATE ALL or DISCARD ALL dropped,
+    /// until the Execute that runs it (or the Sync, when none does).
+    pending_reset: Option<HashMap<Box<[u8]>, Arc<Statement>>>,
     /// Scratch space for rewritten messages; reused, so steady state allocates nothing.
     pub out: BytesMut,
 }
@@ -287,6 +293,7 @@ impl ClientStatements {
             expect: VecDeque::new(),
             skipping: false,
             own_deallocates: 0,
+            pending_reset: None,
             out: BytesMut::new(),
         }
     }
@@ -310,6 +317,7 @@ impl ClientStatements {
         self.expect.clear();
         self.skipping = false;
         self.own_deallocates = 0;
+        self.pending_reset = None;
     }
 
     fn stats(&self) -> &Stats {
@@ -325,23 +333,46 @@ impl ClientStatements {
         server: &mut Option<ServerStatements>,
         copy_in: bool,
     ) -> Action {
-        let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
         if self.skipping && tag != tag::SYNC {
             // The server ignores it; so does the bookkeeping.
             return Action::Forward;
         }
+        let drops = self.drops_server_statements(tag, body);
+        if drops != Drops::Nothing {
+            // Whatever the client sends behind this runs after the server has dropped
+            // its statements, so what pgmux prepared there must be forgotten now, not
+            // when the answer comes. Should it fail, pgmux prepares again what the
+            // server still holds, which is safe (a Close goes first).
+            self.forget_server(server);
+        }
+        if drops == Drops::All {
+            // Likewise the client's names: statements it prepares right behind may
+            // reuse them, and must survive the answer.
+            let names = std::mem::take(&mut self.map);
+            if tag == tag::QUERY {
+                self.expect
+                    .push_back(Expect::Relay(Kind::Ready, Undo::Reset(names)));
+                return Action::Forward;
+            }
+            self.pending_reset = Some(names);
+        }
+        let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
         match tag {
             tag::PARSE => self.parse(body, server),
             tag::BIND => self.bind(body, server),
             tag::DESCRIBE => self.describe(body, server),
             tag::CLOSE => self.close(body),
             tag::EXECUTE => {
-                self.expect
-                    .push_back(Expect::Relay(Kind::Execute, Undo::None));
+                let undo = self.pending_reset.take().map_or(Undo::None, Undo::Reset);
+                self.expect.push_back(Expect::Relay(Kind::Execute, undo));
                 Action::Forward
             }
             tag::SYNC if copy_in => Action::Forward,
             tag::SYNC => {
+                if let Some(names) = self.pending_reset.take() {
+                    // Prepared but never executed: nothing was dropped.
+                    self.restore(names);
+                }
                 self.skipping = false;
                 self.expect.push_back(Expect::Relay(Kind::Sync, Undo::None));
                 Action::Forward
@@ -353,6 +384,41 @@ impl ClientStatements {
                 Action::Forward
             }
             _ => Action::Forward,
+        }
+    }
+
+    /// Whether a simple query, or an unnamed Parse, is a DEALLOCATE ALL or DISCARD ALL,
+    /// or a DEALLOCATE of a name the client does not hold (possibly one of pgmux's).
+    fn drops_server_statements(&self, tag: u8, body: &[u8]) -> Drops {
+        let text = match tag {
+            tag::QUERY => body.strip_suffix(b"\0").unwrap_or(body),
+            tag::PARSE => match cstr(body) {
+                Some((b"", spec)) => match cstr(spec) {
+                    Some((text, _)) => text,
+                    None => return Drops::Nothing,
+                },
+                _ => return Drops::Nothing,
+            },
+            _ => return Drops::Nothing,
+        };
+        let Ok(text) = std::str::from_utf8(text) else {
+            return Drops::Nothing;
+        };
+        if crate::sql::drops_all_statements(text) {
+            Drops::All
+        } else if crate::sql::deallocate_name(text)
+            .is_some_and(|name| !self.map.contains_key(name.as_bytes()))
+        {
+            Drops::Unknown
+        } else {
+            Drops::Nothing
+        }
+    }
+
+    /// Gives back names a reset dropped, except those the client has prepared anew.
+    fn restore(&mut self, names: HashMap<Box<[u8]>, Arc<Statement>>) {
+        for (name, stmt) in names {
+            self.map.entry(name).or_insert(stmt);
         }
     }
 
@@ -672,6 +738,12 @@ impl ClientStatements {
         let tag = body.strip_suffix(b"\0").unwrap_or(body);
         match tag {
             b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                if let Some(Expect::Relay(_, undo @ Undo::Reset(_))) = self.expect.front_mut() {
+                    // Done when it was sent; it succeeded, so nothing is given back.
+                    *undo = Undo::None;
+                    return;
+                }
+                // Not seen when sent (one statement of several in a query string).
                 self.map.clear();
                 self.forget_server(server);
             }
@@ -695,6 +767,12 @@ impl ClientStatements {
     }
 
     fn on_error(&mut self, body: &[u8], server: &mut Option<ServerStatements>) -> Disposition {
+        if let Some(Expect::Relay(Kind::Ready, undo @ Undo::Reset(_))) = self.expect.front_mut() {
+            let Undo::Reset(names) = std::mem::replace(undo, Undo::None) else {
+                unreachable!("matched above")
+            };
+            self.restore(names);
+        }
         let Some(front) = self.expect.front() else {
             return Disposition::Keep;
         };
@@ -768,6 +846,7 @@ impl ClientStatements {
             }
             Undo::ServerParse(stmt) => forget_on_server(&stmt.name),
             Undo::Uses(_) => {}
+            Undo::Reset(names) => self.restore(names),
             Undo::ClientClose { name, stmt } => {
                 self.map.entry(name).or_insert(stmt);
             }
@@ -889,6 +968,16 @@ impl ClientStatements {
         }
         Local::Answered(at)
     }
+}
+
+/// What a client message does to the statements a server holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Drops {
+    Nothing,
+    /// A DEALLOCATE of a name the client does not hold.
+    Unknown,
+    /// DEALLOCATE ALL or DISCARD ALL.
+    All,
 }
 
 /// The outcome of [`ClientStatements::answer_locally`].

@@ -422,3 +422,79 @@ async fn deallocate_in_an_extended_query_drops_the_client_name() {
     let row = other.query_one(&kept, &[]).await.unwrap();
     assert_eq!(row.get::<_, &str>(0), "shared");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_right_behind_a_deallocate_all_exist() {
+    let (db, mux) = setup(
+        "prep_dealloc_all",
+        "default_pool_size = 1\nauth_type = \"trust\"",
+    )
+    .await;
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'one'");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "1Z");
+    for (i, reset) in ["DEALLOCATE ALL", "DISCARD ALL"].iter().enumerate() {
+        // The reset and what follows it go out at once, as a pipelining driver sends
+        // them: the statements are prepared after the server dropped its own.
+        let mut m = BytesMut::new();
+        frontend::query(reset, &mut m).unwrap();
+        let name = format!("s{}", i + 2);
+        parse(&mut m, &name, "SELECT 'one'");
+        bind_execute(&mut m, &name);
+        frontend::sync(&mut m);
+        s.write_all(&m).await.unwrap();
+        let first = read_until_ready(&mut s).await;
+        assert_eq!(tags(&first), "CZ", "{reset}: {first:?}");
+        let second = read_until_ready(&mut s).await;
+        assert_eq!(tags(&second), "12DCZ", "{reset}: {second:?}");
+        assert_eq!(&second[2].1[6..], b"one");
+        // The new name outlives the reset's answer; the old ones are gone.
+        let mut m = BytesMut::new();
+        bind_execute(&mut m, &name);
+        frontend::sync(&mut m);
+        assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ", "{reset}");
+        let mut m = BytesMut::new();
+        bind_execute(&mut m, "s1");
+        frontend::sync(&mut m);
+        assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+    }
+    // The same through the extended protocol, as libpq's pipeline mode sends it.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE ALL");
+    bind_execute(&mut m, "");
+    parse(&mut m, "s4", "SELECT 'one'");
+    bind_execute(&mut m, "s4");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12C12DCZ", "{answer:?}");
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s4");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ");
+    let mut m = BytesMut::new();
+    parse(&mut m, "s3", "SELECT 'three'");
+    bind_execute(&mut m, "s3");
+    frontend::sync(&mut m);
+    assert_eq!(
+        tags(&round_trip(&mut s, m).await),
+        "12DCZ",
+        "s3 was dropped"
+    );
+
+    // A reset that fails drops nothing: DISCARD ALL is refused inside a transaction.
+    let mut m = BytesMut::new();
+    frontend::query("BEGIN", &mut m).unwrap();
+    frontend::query("DISCARD ALL", &mut m).unwrap();
+    frontend::query("ROLLBACK", &mut m).unwrap();
+    s.write_all(&m).await.unwrap();
+    read_until_ready(&mut s).await;
+    let refused = read_until_ready(&mut s).await;
+    assert_eq!(error_code(&refused[0].1), "25001", "{refused:?}");
+    read_until_ready(&mut s).await;
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s3");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ");
+}
