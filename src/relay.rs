@@ -549,8 +549,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     t.unsynced = true;
                     t.syncs_since_execute = 0;
                 }
-                tag::FLUSH if t.copy_in => {}
-                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => t.unsynced = true,
+                // A Flush starts nothing the server must finish: drivers in pipeline
+                // mode send one right behind their Sync (to read the results at once),
+                // and that must not keep the server from being released after it.
+                tag::FLUSH => {}
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => t.unsynced = true,
                 tag::COPY_DATA => {}
                 tag::COPY_DONE | tag::COPY_FAIL => t.copy_in = false,
                 tag::TERMINATE => {
@@ -640,7 +643,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             let disposition = match self.client.prepared.as_deref_mut() {
                 Some(statements) => {
-                    let body = if frame.tag == btag::COMMAND_COMPLETE {
+                    let body = if matches!(frame.tag, btag::COMMAND_COMPLETE | btag::ERROR_RESPONSE)
+                    {
                         self.server.flow.body(frame)
                     } else {
                         &[]
