@@ -509,7 +509,7 @@ impl Client {
                 &mut CancelOnTimeout,
             )
             .await;
-            if !choice.read_only && self.pools.router.is_some() {
+            if !choice.read_only && self.pools.router.is_some() && self.tracker.wrote() {
                 self.route.last_write = Some((std::time::Instant::now(), None));
             }
             match end {

@@ -217,12 +217,20 @@ pub struct Tracker {
     uncommitted: Vec<SessionEffect>,
     /// The last CommandComplete was COMMIT (a failed block's COMMIT reports ROLLBACK).
     committed: bool,
+    /// A statement ran whose completion does not rule out a write: anything but the
+    /// session and transaction-control commands that never touch data.
+    wrote: bool,
 }
 
 impl Tracker {
     /// No request outstanding and no extended batch half sent.
     pub fn quiet(&self) -> bool {
         self.pending == 0 && !self.unsynced
+    }
+
+    /// Whether a statement ran that may have written (see [`writes_nothing`]).
+    pub fn wrote(&self) -> bool {
+        self.wrote
     }
 
     /// ReadyForQuery messages the server still owes.
@@ -534,6 +542,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     if frame.tag == tag::SYNC {
                         t.unsynced = false;
                         t.syncs_since_execute += 1;
+                    } else {
+                        t.wrote = true;
                     }
                 }
                 tag::PARSE => {
@@ -656,7 +666,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             match frame.tag {
                 btag::READY_FOR_QUERY => self.ready_for_query(frame)?,
                 btag::COMMAND_COMPLETE => {
-                    self.tracker.committed = self.server.flow.body(frame) == b"COMMIT\0";
+                    let tag = self.server.flow.body(frame);
+                    self.tracker.committed = tag == b"COMMIT\0";
+                    if !writes_nothing(tag) {
+                        self.tracker.wrote = true;
+                    }
                 }
                 btag::PARAMETER_STATUS => self.parameter_status(frame),
                 btag::ERROR_RESPONSE => {
@@ -934,6 +948,27 @@ pub fn remember_reported(reported: &mut Vec<(String, String)>, name: &str, value
 }
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.
+/// Whether a CommandComplete tag (NUL included) is one of the commands that cannot
+/// write data: session settings and transaction control. Everything else, SELECT
+/// included (it may call a function that writes), may have written.
+fn writes_nothing(tag: &[u8]) -> bool {
+    matches!(
+        tag,
+        b"SET\0"
+            | b"RESET\0"
+            | b"SHOW\0"
+            | b"BEGIN\0"
+            | b"START TRANSACTION\0"
+            | b"COMMIT\0"
+            | b"ROLLBACK\0"
+            | b"SAVEPOINT\0"
+            | b"RELEASE\0"
+            | b"DISCARD ALL\0"
+            | b"DEALLOCATE\0"
+            | b"DEALLOCATE ALL\0"
+    )
+}
+
 /// The SQLSTATE field of an ErrorResponse body.
 fn error_code(body: &[u8]) -> Option<&[u8]> {
     let mut rest = body;
