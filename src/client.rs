@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -30,7 +30,8 @@ use crate::routing::request;
 use crate::server::Server;
 use crate::{App, Pools};
 
-/// Memory an idle client keeps for its read buffer; more is given back after a burst.
+/// Read buffer a client takes when it sends a request; it is given back once the
+/// transaction ends and the buffer is empty, so idle clients hold none.
 const IDLE_BUFFER: usize = 4 * 1024;
 
 /// Entry point for an accepted connection.
@@ -64,7 +65,10 @@ async fn serve(app: &Arc<App>, tcp: TcpStream) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let mut stream = ClientStream::Plain(tcp);
     let login_timeout = app.config.pgmux.client_login_timeout;
-    let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
+    // Boxed, here and on the other slow paths below: a client task is as large as its
+    // largest state, and an idle client should not carry the space that login, a
+    // server connect or a cleanup needs.
+    let login = tokio::time::timeout(login_timeout, Box::pin(login(app, &mut stream))).await;
     let mut client = match login {
         Ok(Ok(Some(session))) => Client {
             statements: prepared_statements(&session.pools.primary, session.mode),
@@ -151,7 +155,7 @@ struct Client {
     pool: Arc<Pool>,
     mode: PoolMode,
     params: Arc<ParamSet>,
-    reported: Vec<(String, String)>,
+    reported: Arc<Vec<(String, String)>>,
     tracker: Tracker,
     /// Protocol-level prepared statements, kept by pgmux in transaction mode.
     statements: Option<ClientStatements>,
@@ -207,7 +211,7 @@ struct Session {
     alias: bool,
     mode: PoolMode,
     params: Arc<ParamSet>,
-    reported: Vec<(String, String)>,
+    reported: Arc<Vec<(String, String)>>,
     cancel: SlotGuard,
     admission: crate::Admission,
 }
@@ -264,7 +268,7 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
 
     let pools = app.pool(&database, &user)?;
     let reported = pools.primary.reported_params().await?;
-    let mut reported = greeting_params(&reported, &startup);
+    let mut reported = Arc::new(greeting_params(&reported, &startup));
     if alias {
         for (name, value) in [
             ("default_transaction_read_only", "on"),
@@ -276,7 +280,7 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
 
     let cancel = app.cancels.register();
     backend::authentication_ok(&mut out);
-    for (name, value) in &reported {
+    for (name, value) in reported.iter() {
         backend::parameter_status(&mut out, name, value);
     }
     backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
@@ -286,11 +290,12 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
 
     pools.primary.client_connected();
     let mode = pools.primary.settings().mode;
+    let (params, reported) = pools.primary.shared_session(params, reported);
     Ok(Some(Session {
         pools,
         alias,
         mode,
-        params: Arc::new(params),
+        params,
         reported,
         cancel,
         admission,
@@ -490,45 +495,59 @@ impl Client {
             if !self.wait_for_request(app).await? {
                 return Ok(());
             }
-            let choice = self.choose(app).await?;
-            let pool = choice.pool;
-            let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
-            let mut server = self.attach(&pool).await?;
-            let mut limits = self.limits(app, &pool);
-            limits.hold_for_retry = choice.retry;
-            let end = relay::run(
-                ClientEnd {
-                    stream: &mut self.stream,
-                    flow: &mut self.flow,
-                    params: &mut self.params,
-                    reported: &mut self.reported,
-                    prepared: self.statements.as_mut(),
-                },
-                &mut server,
-                &mut self.tracker,
-                &limits,
-                &mut CancelOnTimeout,
-            )
-            .await;
-            if !choice.read_only && self.pools.router.is_some() && self.tracker.wrote() {
-                self.route.last_write = Some((std::time::Instant::now(), None));
+            // Boxed: a transaction's state (choosing, attaching, relaying, detaching)
+            // exists only while it runs, and idle clients stay small.
+            if !Box::pin(self.transaction(app)).await? {
+                return Ok(());
             }
-            match end {
-                Ok(End::RetryOnPrimary) => {
-                    let request = request.expect("only held requests are retried");
-                    self.give_back_refused(server, &pool, request).await?;
-                }
-                Ok(End::Boundary) => self.detach(server, &pool).await,
-                Ok(End::Terminate) | Ok(End::ClientClosed) => {
-                    self.detach(server, &pool).await;
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.detach(server, &pool).await;
-                    return Err(e);
-                }
+            self.flow.shrink_if_idle(0);
+        }
+    }
+
+    /// Serves the request waiting in the buffer, up to the end of its transaction (or,
+    /// in session mode, of the session). Returns `false` when the client has left.
+    async fn transaction(&mut self, app: &Arc<App>) -> Result<bool> {
+        let choice = self.choose(app).await?;
+        let pool = choice.pool;
+        let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
+        let mut server = self.attach(&pool).await?;
+        let mut limits = self.limits(app, &pool);
+        limits.hold_for_retry = choice.retry;
+        let end = relay::run(
+            ClientEnd {
+                stream: &mut self.stream,
+                flow: &mut self.flow,
+                params: &mut self.params,
+                reported: &mut self.reported,
+                prepared: self.statements.as_mut(),
+            },
+            &mut server,
+            &mut self.tracker,
+            &limits,
+            &mut CancelOnTimeout,
+        )
+        .await;
+        if !choice.read_only && self.pools.router.is_some() && self.tracker.wrote() {
+            self.route.last_write = Some((std::time::Instant::now(), None));
+        }
+        match end {
+            Ok(End::RetryOnPrimary) => {
+                let request = request.expect("only held requests are retried");
+                self.give_back_refused(server, &pool, request).await?;
+                Ok(true)
             }
-            self.flow.shrink_if_idle(IDLE_BUFFER);
+            Ok(End::Boundary) => {
+                self.detach(server, &pool).await;
+                Ok(true)
+            }
+            Ok(End::Terminate) | Ok(End::ClientClosed) => {
+                self.detach(server, &pool).await;
+                Ok(false)
+            }
+            Err(e) => {
+                self.detach(server, &pool).await;
+                Err(e)
+            }
         }
     }
 
@@ -600,14 +619,11 @@ impl Client {
                     continue;
                 }
             }
-            if self.flow.buf.capacity() - self.flow.buf.len() < 512 {
-                self.flow.buf.reserve(IDLE_BUFFER);
-            }
             // Whatever was written since the last read (the relay's last reply, answers
             // given here) may still sit in a TLS buffer, and the client waits for it.
             self.stream.flush().await.map_err(Error::ClientIo)?;
             let read = tokio::select! {
-                read = self.stream.read_buf(&mut self.flow.buf) => read,
+                read = self.stream.read_idle(&mut self.flow.buf, IDLE_BUFFER) => read,
                 _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
             };
             match read {
@@ -833,7 +849,7 @@ impl Client {
             return Err(e);
         }
         if let Some(begin) = self.route.deferred_begin.take() {
-            let outcome = server.run_quietly(&begin).await;
+            let outcome = Box::pin(server.run_quietly(&begin)).await;
             match outcome {
                 Ok(o) if o.error.is_none() && o.status == b'T' => self.tracker.began(),
                 _ => {
@@ -856,7 +872,7 @@ impl Client {
             return Ok(());
         };
         let outcome = server
-            .run_quietly(&sql)
+            .run_quietly_boxed(&sql)
             .await
             .inspect_err(|_| server.broken = true)?;
         if outcome.status != b'I' {
@@ -905,7 +921,13 @@ impl Client {
 
     async fn make_clean(&mut self, server: &mut Server) -> bool {
         if !self.tracker.quiet()
-            && !relay::settle(server, &mut self.flow, &mut self.tracker, CLEANUP_TIMEOUT).await
+            && !Box::pin(relay::settle(
+                server,
+                &mut self.flow,
+                &mut self.tracker,
+                CLEANUP_TIMEOUT,
+            ))
+            .await
         {
             return false;
         }
@@ -920,7 +942,9 @@ impl Client {
         };
         let mut ok = true;
         for statement in reset.split("; ") {
-            let run = tokio::time::timeout(CLEANUP_TIMEOUT, server.run_quietly(statement)).await;
+            let run =
+                tokio::time::timeout(CLEANUP_TIMEOUT, Box::pin(server.run_quietly(statement)))
+                    .await;
             ok &= matches!(run, Ok(Ok(ref o)) if o.error.is_none() && o.status == b'I');
         }
         if ok && self.mode == PoolMode::Session {

@@ -109,7 +109,9 @@ impl ParamSet {
 /// The query that turns a server whose parameters are `applied` into one matching
 /// `wanted`, or `None` if they already match.
 pub fn sync_query(wanted: &ParamSet, applied: &ParamSet) -> Option<String> {
-    if wanted.fingerprint == applied.fingerprint && wanted == applied {
+    if std::ptr::eq(wanted, applied)
+        || (wanted.fingerprint == applied.fingerprint && wanted == applied)
+    {
         return None;
     }
     let mut sql = String::new();

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::config::PoolSettings;
 use crate::error::{Error, Result};
 use crate::metrics::PoolMetrics;
+use crate::params::ParamSet;
 use crate::server::{Server, Target};
 
 /// ParameterStatus name/value pairs as a server sent them at login.
@@ -41,6 +42,10 @@ pub struct Pool {
     /// ParameterStatus values of the first server that logged in: what new clients are
     /// told before any server is attached to them.
     reported: Mutex<Option<Reported>>,
+    /// The session parameters and reported values of the last client that logged in.
+    /// Clients that start alike share them (they are copied on write), which keeps idle
+    /// clients small and makes the parameter check at attach a pointer comparison.
+    last_session: Mutex<Option<(Arc<ParamSet>, Reported)>>,
 }
 
 struct State {
@@ -86,6 +91,7 @@ impl Pool {
             metrics: PoolMetrics::new(database, user, replica),
             statements,
             reported: Mutex::new(None),
+            last_session: Mutex::new(None),
         });
         limit.register(&pool);
         tokio::spawn(upkeep(Arc::downgrade(&pool)));
@@ -114,7 +120,8 @@ impl Pool {
                     Next::Open
                 } else {
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.retain(|w| !w.tx.is_closed());
+                    // Waiters that gave up stay queued until a hand-out skips them or
+                    // upkeep sweeps them: no scan of the queue per checkout.
                     st.waiters.push_back(Waiter { tx, since: start });
                     self.refresh_gauges(&st);
                     let starved = st.open < st.settings.size;
@@ -123,7 +130,9 @@ impl Pool {
             };
             let server = match next {
                 Next::Idle(server) => server,
-                Next::Open => match self.open_server().await {
+                // Boxed: connecting is rare, and its state would otherwise make every
+                // client task larger.
+                Next::Open => match Box::pin(self.open_server()).await {
                     Ok(server) => server,
                     Err(e) => {
                         self.forget_one();
@@ -295,7 +304,9 @@ impl Pool {
 
     /// Opens a server in the background for the longest waiter, if there is room.
     fn refill_for_waiters(self: &Arc<Self>, st: &mut State) {
-        st.waiters.retain(|w| !w.tx.is_closed());
+        while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            st.waiters.pop_front();
+        }
         if st.waiters.is_empty() || !self.reserve(st) {
             return;
         }
@@ -341,6 +352,24 @@ impl Pool {
         Ok(params.unwrap_or_default())
     }
 
+    /// The shared copies of a new client's session parameters and reported values:
+    /// those of the previous client if they are equal, else these, kept for the next.
+    pub fn shared_session(
+        &self,
+        params: ParamSet,
+        reported: Reported,
+    ) -> (Arc<ParamSet>, Reported) {
+        let mut last = self.last_session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, r)) = last.as_ref() {
+            if **p == params && *r == reported {
+                return (Arc::clone(p), Arc::clone(r));
+            }
+        }
+        let shared = (Arc::new(params), reported);
+        *last = Some((Arc::clone(&shared.0), Arc::clone(&shared.1)));
+        shared
+    }
+
     /// Servers attached to clients or being opened.
     pub fn in_use(&self) -> usize {
         let st = self.lock();
@@ -361,7 +390,9 @@ impl Pool {
 
     fn refresh_gauges(&self, st: &State) {
         let m = &self.metrics;
-        let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count();
+        // Counts waiters that gave up since the last upkeep too; exact counts would
+        // cost a scan of the queue on every checkout and release.
+        let waiting = st.waiters.len();
         let starved = if st.open < st.settings.size {
             waiting
         } else {
@@ -412,7 +443,8 @@ impl Pool {
                 }
             }
             self.metrics.record_prepared(&self.statements.stats);
-            let oldest = st.waiters.iter().find(|w| !w.tx.is_closed());
+            st.waiters.retain(|w| !w.tx.is_closed());
+            let oldest = st.waiters.front();
             self.metrics
                 .oldest_wait
                 .set(oldest.map_or(0.0, |w| w.since.elapsed().as_secs_f64()));

@@ -300,7 +300,7 @@ pub struct ClientEnd<'a, S> {
     pub flow: &'a mut Flow,
     pub params: &'a mut Arc<ParamSet>,
     /// ParameterStatus values the client has been told, by name.
-    pub reported: &'a mut Vec<(String, String)>,
+    pub reported: &'a mut Arc<Vec<(String, String)>>,
     /// The client's prepared statements, when pgmux keeps them (transaction mode).
     pub prepared: Option<&'a mut ClientStatements>,
 }
@@ -939,11 +939,12 @@ fn apply_effect(params: &mut ParamSet, effect: SessionEffect) {
 }
 
 /// Records a ParameterStatus value the client has been sent.
-pub fn remember_reported(reported: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match reported.iter_mut().find(|(n, _)| n == name) {
-        Some((_, v)) if v == value => {}
-        Some((_, v)) => *v = value.to_string(),
-        None => reported.push((name.to_string(), value.to_string())),
+/// Clients with the same values share one list; it is copied only when it changes.
+pub fn remember_reported(reported: &mut Arc<Vec<(String, String)>>, name: &str, value: &str) {
+    match reported.iter().position(|(n, _)| n == name) {
+        Some(i) if reported[i].1 == value => {}
+        Some(i) => Arc::make_mut(reported)[i].1 = value.to_string(),
+        None => Arc::make_mut(reported).push((name.to_string(), value.to_string())),
     }
 }
 

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -465,6 +466,37 @@ pub enum ServerStream {
 }
 
 impl ClientStream {
+    /// Reads what the client sends next into `buf`, taking `chunk` bytes of buffer only
+    /// once the socket has data: a plaintext client that sends nothing holds no buffer
+    /// at all. (A TLS stream reads through its own buffers and gets one at once.)
+    pub async fn read_idle(&mut self, buf: &mut BytesMut, chunk: usize) -> std::io::Result<usize> {
+        let reserve = |buf: &mut BytesMut| {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(chunk);
+            }
+        };
+        match self {
+            ClientStream::Plain(tcp) => loop {
+                tcp.readable().await?;
+                reserve(buf);
+                match tcp.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Readiness was stale (left over from login): give the buffer
+                        // back while waiting for real data.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                    }
+                    result => return result,
+                }
+            },
+            _ => {
+                reserve(buf);
+                self.read_buf(buf).await
+            }
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }

@@ -264,6 +264,12 @@ impl Server {
         }
     }
 
+    /// [`Server::run_quietly`] in a box of its own, for callers whose own state should
+    /// stay small.
+    pub async fn run_quietly_boxed(&mut self, sql: &str) -> Result<QuietOutcome> {
+        Box::pin(self.run_quietly(sql)).await
+    }
+
     /// Runs `sql` as a simple query, discarding its results. Returns the server's error
     /// message if the query failed, and the ParameterStatus messages it caused.
     pub async fn run_quietly(&mut self, sql: &str) -> Result<QuietOutcome> {
