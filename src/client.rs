@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, field, info_span, warn, Instrument};
 
 use crate::cancel::SlotGuard;
 use crate::config::PoolMode;
@@ -25,16 +25,17 @@ use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::routing::classify::{self, Opening};
 use crate::server::Server;
-use crate::{App, Pools};
+use crate::{App, ClientState, Pools};
 
 /// Memory an idle client keeps for its read buffer; more is given back after a burst.
 const IDLE_BUFFER: usize = 4 * 1024;
 
 /// Entry point for an accepted connection.
 pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
-    let span = info_span!("client", client.addr = %addr);
+    // db and user are filled in once the startup packet names them.
+    let span = info_span!("client", client.addr = %addr, db = field::Empty, user = field::Empty);
     async move {
-        match serve(&app, stream).await {
+        match serve(&app, stream, addr).await {
             Ok(()) => debug!("client disconnected"),
             Err(Error::ClientIo(e)) => debug!(error = %e, "client connection lost"),
             Err(e) => {
@@ -43,6 +44,8 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
                     Error::Auth { .. }
                     | Error::ClientProtocol(_)
                     | Error::UnknownDatabase(_)
+                    | Error::ConsoleDenied(_)
+                    | Error::Killed
                     | Error::Shutdown => {
                         debug!(error = %e, "client refused")
                     }
@@ -57,12 +60,22 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
 
 /// Runs the whole connection. Errors that the client should hear about have already been
 /// sent to it when this returns.
-async fn serve(app: &Arc<App>, mut stream: TcpStream) -> Result<()> {
+async fn serve(app: &Arc<App>, mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
     let _ = stream.set_nodelay(true);
-    let login_timeout = app.config.pgmux.client_login_timeout;
-    let login = tokio::time::timeout(login_timeout, login(app, &mut stream)).await;
+    let login_timeout = app.config().pgmux.client_login_timeout;
+    let login = tokio::time::timeout(login_timeout, login(app, &mut stream, addr)).await;
     let mut client = match login {
-        Ok(Ok(Some(session))) => Client {
+        Ok(Ok(Some(Login::Console(console)))) => {
+            let result =
+                crate::admin::serve(app, &mut stream, console.role, &console.registration.info)
+                    .await;
+            if let Err(e) = &result {
+                tell(&mut stream, e).await;
+            }
+            return result;
+        }
+        Ok(Ok(Some(Login::Pooled(session)))) => Client {
+            registration: session.registration,
             statements: prepared_statements(&session.pools.primary, session.mode),
             stream,
             flow: Flow::default(),
@@ -127,6 +140,8 @@ async fn tell(stream: &mut TcpStream, e: &Error) {
 
 /// A logged-in client.
 struct Client {
+    /// Its entry in SHOW CLIENTS, with the token KILL cancels.
+    registration: crate::Registration,
     stream: TcpStream,
     flow: Flow,
     pool: Arc<Pool>,
@@ -182,8 +197,23 @@ struct Access {
 /// Largest Query or Parse held back whole so its statement can be classified.
 const CLASSIFY_MAX: usize = 64 * 1024;
 
+/// What a login leads to.
+enum Login {
+    Pooled(Session),
+    Console(Console),
+}
+
+/// A session of the admin console.
+struct Console {
+    role: crate::admin::Role,
+    registration: crate::Registration,
+    _cancel: SlotGuard,
+    _admission: crate::Admission,
+}
+
 /// What login establishes for the session.
 struct Session {
+    registration: crate::Registration,
     pools: Arc<Pools>,
     alias: bool,
     mode: PoolMode,
@@ -195,11 +225,15 @@ struct Session {
 
 /// Negotiation and authentication. Returns `None` for a connection that only came to
 /// cancel a query.
-async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>> {
+async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Result<Option<Login>> {
     let Some(startup) = negotiate(app, stream).await? else {
         return Ok(None);
     };
-    let admission = app.admit().ok_or(Error::TooManyClients)?;
+    // One configuration for the whole login, even if a reload lands meanwhile.
+    let shared = app.shared();
+    let admission = app
+        .admit(shared.config.pgmux.max_client_conn)
+        .ok_or(Error::TooManyClients)?;
 
     let mut out = BytesMut::new();
     if startup.minor_version != 0 || !startup.protocol_options.is_empty() {
@@ -221,8 +255,43 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         .ok_or_else(|| Error::ClientProtocol("no PostgreSQL user name specified".into()))?
         .to_string();
     let requested = startup.get("database").unwrap_or(&user).to_string();
-    let (database, alias) = app.resolve_database(&requested);
-    let database = database.to_string();
+    let span = tracing::Span::current();
+    span.record("db", requested.as_str());
+    span.record("user", user.as_str());
+    let application_name = startup.get("application_name").unwrap_or("").to_string();
+    if requested == crate::ADMIN_DATABASE {
+        let creds = shared.credentials(&user);
+        crate::auth::authenticate(stream, shared.config.pgmux.auth_type, &user, creds).await?;
+        let g = &shared.config.pgmux;
+        let role = if g.admin_users.contains(&user) {
+            crate::admin::Role::Admin
+        } else if g.stats_users.contains(&user) {
+            crate::admin::Role::Stats
+        } else {
+            return Err(Error::ConsoleDenied(user));
+        };
+        let cancel = app.cancels.register();
+        backend::authentication_ok(&mut out);
+        for (name, value) in crate::admin::greeting() {
+            backend::parameter_status(&mut out, name, &value);
+        }
+        if !application_name.is_empty() {
+            backend::parameter_status(&mut out, "application_name", &application_name);
+        }
+        backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
+        backend::ready_for_query(&mut out, b'I');
+        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        debug!(role = ?role, "console session opened");
+        let registration =
+            app.register(addr, crate::ADMIN_DATABASE, &user, &application_name, true);
+        return Ok(Some(Login::Console(Console {
+            role,
+            registration,
+            _cancel: cancel,
+            _admission: admission,
+        })));
+    }
+    let (database, alias) = shared.resolve_database(&requested);
     let mut params = startup_params(&startup)?;
     if alias {
         // Clients of the read-only name get the session a standby would give them.
@@ -232,10 +301,10 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         );
     }
 
-    let creds = app.users.get(&user);
-    crate::auth::authenticate(stream, app.config.pgmux.auth_type, &user, creds).await?;
+    let creds = shared.credentials(&user);
+    crate::auth::authenticate(stream, shared.config.pgmux.auth_type, &user, creds).await?;
 
-    let pools = app.pool(&database, &user)?;
+    let pools = app.pool(&shared, &database, &user)?;
     let reported = pools.primary.reported_params().await?;
     let mut reported = greeting_params(&reported, &startup);
     if alias {
@@ -259,7 +328,9 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
 
     pools.primary.client_connected();
     let mode = pools.primary.settings().mode;
-    Ok(Some(Session {
+    let registration = app.register(addr, &database, &user, &application_name, false);
+    Ok(Some(Login::Pooled(Session {
+        registration,
         pools,
         alias,
         mode,
@@ -267,7 +338,7 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Session>
         reported,
         cancel,
         admission,
-    }))
+    })))
 }
 
 /// Reads packets until a StartupMessage (or a CancelRequest, handled here).
@@ -383,14 +454,15 @@ fn greeting_params(server: &[(String, String)], startup: &StartupMessage) -> Vec
 }
 
 impl Client {
-    fn limits<'a>(&self, app: &'a App, pool: &'a Pool) -> Limits<'a> {
-        let g = &app.config.pgmux;
+    fn limits<'a>(&self, config: &crate::config::Config, pool: &'a Pool) -> Limits<'a> {
+        let g = &config.pgmux;
         Limits {
             max_message_size: g.max_message_size,
             stop_at_boundary: self.mode == PoolMode::Transaction,
             idle_transaction_timeout: g.idle_transaction_timeout,
             query_timeout: g.query_timeout,
             metrics: &pool.metrics,
+            stats: &pool.stats,
             hold_for_retry: false,
         }
     }
@@ -401,26 +473,47 @@ impl Client {
             if !self.wait_for_request(app).await? {
                 return Ok(());
             }
-            let choice = self.choose(app).await?;
+            // Read once per transaction: a reload's timeouts apply from the next one.
+            let config = app.config();
+            let kill = self.registration.info.kill.clone();
+            let choice = self.choose(&config).await?;
             let pool = choice.pool;
             let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
-            let mut server = self.attach(&pool).await?;
-            let mut limits = self.limits(app, &pool);
+            self.registration.info.set_state(ClientState::Waiting, 0);
+            let attached = tokio::select! {
+                attached = self.attach(&pool) => attached,
+                _ = kill.cancelled() => Err(Error::Killed),
+            };
+            let mut server = attached?;
+            self.registration
+                .info
+                .set_state(ClientState::Active, server.id);
+            let mut limits = self.limits(&config, &pool);
             limits.hold_for_retry = choice.retry;
-            let end = relay::run(
-                ClientEnd {
-                    stream: &mut self.stream,
-                    flow: &mut self.flow,
-                    params: &mut self.params,
-                    reported: &mut self.reported,
-                    prepared: self.statements.as_mut(),
-                },
-                &mut server,
-                &mut self.tracker,
-                &limits,
-                &mut CancelOnTimeout,
-            )
-            .await;
+            let mut hooks = CancelOnTimeout;
+            let relayed = tokio::select! {
+                end = relay::run(
+                    ClientEnd {
+                        stream: &mut self.stream,
+                        flow: &mut self.flow,
+                        params: &mut self.params,
+                        reported: &mut self.reported,
+                        prepared: self.statements.as_mut(),
+                    },
+                    &mut server,
+                    &mut self.tracker,
+                    &limits,
+                    &mut hooks,
+                ) => Some(end),
+                _ = kill.cancelled() => None,
+            };
+            self.registration.info.set_state(ClientState::Idle, 0);
+            let Some(end) = relayed else {
+                // Killed mid-transaction: the server's state is unknown, so it goes.
+                self.cancel.slot.set_target(None);
+                pool.release(server, false);
+                return Err(Error::Killed);
+            };
             if !choice.read_only && self.pools.router.is_some() {
                 self.route.last_write = Some((std::time::Instant::now(), None));
             }
@@ -516,10 +609,17 @@ impl Client {
             let read = tokio::select! {
                 read = self.stream.read_buf(&mut self.flow.buf) => read,
                 _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
+                _ = self.registration.info.kill.cancelled() => return Err(Error::Killed),
             };
             match read {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.pool.metrics.bytes_received.increment(n as u64),
+                Ok(n) => {
+                    self.pool.metrics.bytes_received.increment(n as u64);
+                    self.pool
+                        .stats
+                        .received
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) => return Err(Error::ClientIo(e)),
             }
         }
@@ -764,7 +864,7 @@ impl Client {
 
     /// Chooses the server for the request waiting in the buffer: a replica for a
     /// read-only transaction when one is eligible, the primary otherwise.
-    async fn choose(&mut self, app: &Arc<App>) -> Result<Choice> {
+    async fn choose(&mut self, config: &crate::config::Config) -> Result<Choice> {
         let primary = |read_only| Choice {
             pool: Arc::clone(&self.pools.primary),
             read_only,
@@ -789,7 +889,7 @@ impl Client {
             router.count(false, None);
             return Ok(primary(access.read_only));
         }
-        let deadline = tokio::time::Instant::now() + app.config.pgmux.query_wait_timeout;
+        let deadline = tokio::time::Instant::now() + config.pgmux.query_wait_timeout;
         loop {
             let min_lsn = match &mut self.route.last_write {
                 Some((at, lsn)) if router.settings.read_your_writes => {
@@ -821,7 +921,7 @@ impl Client {
             }
             if tokio::time::Instant::now() >= deadline {
                 router.count(false, Some(fallback));
-                return Err(Error::NoReplica(app.config.pgmux.query_wait_timeout));
+                return Err(Error::NoReplica(config.pgmux.query_wait_timeout));
             }
             let poll = router
                 .settings

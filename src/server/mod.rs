@@ -18,13 +18,26 @@ use crate::error::{Error, Result};
 use crate::params::{ParamSet, SharedParams};
 
 /// Where a pool's servers live and who pgmux logs in as.
-#[derive(Debug, Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Target {
     pub host: String,
     pub port: u16,
     pub dbname: String,
     pub user: String,
     pub password: String,
+}
+
+/// Written by hand so that no log line can carry the password.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Target {
