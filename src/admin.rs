@@ -34,7 +34,10 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 /// PgBouncer's console names itself, so no client mistakes it for a PostgreSQL server.
 pub fn greeting() -> Vec<(&'static str, String)> {
     vec![
-        ("server_version", format!("{}/pgmux", env!("CARGO_PKG_VERSION"))),
+        (
+            "server_version",
+            format!("{}/pgmux", env!("CARGO_PKG_VERSION")),
+        ),
         ("server_encoding", "UTF8".into()),
         ("client_encoding", "UTF8".into()),
         ("DateStyle", "ISO".into()),
@@ -106,7 +109,11 @@ pub async fn serve(
                     backend::ready_for_query(&mut out, b'I');
                 }
                 tag::FLUSH => {}
-                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE
+                tag::PARSE
+                | tag::BIND
+                | tag::DESCRIBE
+                | tag::EXECUTE
+                | tag::CLOSE
                 | tag::FUNCTION_CALL
                     if !skipping =>
                 {
@@ -187,7 +194,10 @@ async fn run(
     };
     let command = first.to_ascii_uppercase();
     if command == "SHOW" {
-        let what = words.get(1).map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+        let what = words
+            .get(1)
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default();
         if words.len() > 2 {
             return Err(fail("42601", format!("SHOW {what} takes no argument")));
         }
@@ -202,7 +212,10 @@ async fn run(
     let arg = words.get(1).copied();
     let too_many = words.len() > 2 && command != "SET";
     if too_many {
-        return Err(fail("42601", format!("{command} takes at most one argument")));
+        return Err(fail(
+            "42601",
+            format!("{command} takes at most one argument"),
+        ));
     }
     info!(command = %text, user = %me.user, "console command");
     match command.as_str() {
@@ -283,15 +296,13 @@ async fn run(
             Ok(Reply::Done("SHUTDOWN", None))
         }
         "SET" => {
-            let (key, value) = parse_set(text)
-                .ok_or_else(|| fail("42601", "use SET key = value"))?;
+            let (key, value) =
+                parse_set(text).ok_or_else(|| fail("42601", "use SET key = value"))?;
             let next = app
                 .config()
                 .with_setting(&key, &value)
                 .map_err(|e| fail("22023", e.to_string()))?;
-            app.apply_config(next)
-                .await
-                .map_err(|e| fail("F0000", e))?;
+            app.apply_config(next).await.map_err(|e| fail("F0000", e))?;
             Ok(Reply::Done("SET", None))
         }
         _ => Err(fail(
@@ -325,14 +336,17 @@ fn parse_set(text: &str) -> Option<(String, String)> {
     (!key.is_empty() && !value.is_empty()).then(|| (key.to_ascii_lowercase(), value.to_string()))
 }
 
+/// Pool sets by (database, user).
+type PoolSets = Vec<((String, String), Arc<Pools>)>;
+
 /// The pool sets of one database, or of all; an unknown database is an error.
-fn pool_sets(
-    app: &App,
-    db: Option<&str>,
-) -> std::result::Result<Vec<((String, String), Arc<Pools>)>, Failure> {
+fn pool_sets(app: &App, db: Option<&str>) -> std::result::Result<PoolSets, Failure> {
     if let Some(db) = db {
         if !app.config().databases.contains_key(db) {
-            return Err(fail("3D000", format!("database \"{db}\" is not configured")));
+            return Err(fail(
+                "3D000",
+                format!("database \"{db}\" is not configured"),
+            ));
         }
     }
     Ok(app
@@ -715,10 +729,7 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
             )
         }
         "" => Err(fail("42601", "SHOW needs a subject, e.g. SHOW POOLS")),
-        other => Err(fail(
-            "42601",
-            format!("unknown SHOW subject \"{other}\""),
-        )),
+        other => Err(fail("42601", format!("unknown SHOW subject \"{other}\""))),
     }
 }
 

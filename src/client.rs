@@ -480,11 +480,7 @@ impl Client {
             let pool = choice.pool;
             let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
             self.registration.info.set_state(ClientState::Waiting, 0);
-            let attached = tokio::select! {
-                attached = self.attach(&pool) => attached,
-                _ = kill.cancelled() => Err(Error::Killed),
-            };
-            let mut server = attached?;
+            let mut server = self.attach(&pool).await?;
             self.registration
                 .info
                 .set_state(ClientState::Active, server.id);
@@ -934,7 +930,8 @@ impl Client {
     /// Takes a server from `pool` for the client and brings its session parameters in
     /// line; sends a `BEGIN` pgmux answered earlier.
     async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Server> {
-        let mut server = pool.checkout().await?;
+        let kill = self.registration.info.kill.clone();
+        let mut server = pool.checkout_unless(&kill).await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });
             pool.release(server, clean);

@@ -435,7 +435,10 @@ impl Config {
             ("default_pool_size", g.default_pool_size.to_string()),
             ("min_pool_size", g.min_pool_size.to_string()),
             ("max_db_connections", g.max_db_connections.to_string()),
-            ("max_prepared_statements", g.max_prepared_statements.to_string()),
+            (
+                "max_prepared_statements",
+                g.max_prepared_statements.to_string(),
+            ),
             (
                 "max_client_prepared_statements",
                 g.max_client_prepared_statements.to_string(),
@@ -669,7 +672,10 @@ mod tests {
         assert_eq!(config.pgmux.admin_users, vec!["app".to_string()]);
         let bad = MINIMAL.replace("[users.app]", "stats_users = [\"ghost\"]\n[users.app]");
         let err = Config::parse(&bad).unwrap_err().to_string();
-        assert!(err.contains("pgmux.stats_users") && err.contains("ghost"), "{err}");
+        assert!(
+            err.contains("pgmux.stats_users") && err.contains("ghost"),
+            "{err}"
+        );
 
         let changed = config.with_setting("default_pool_size", "7").unwrap();
         assert_eq!(changed.pgmux.default_pool_size, 7);

@@ -135,7 +135,8 @@ impl ClientInfo {
     pub fn set_state(&self, state: ClientState, server: u64) {
         self.state.store(state as u8, Ordering::Relaxed);
         self.server.store(server, Ordering::Relaxed);
-        self.since.store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.since
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
     }
 
     pub fn state(&self) -> ClientState {
@@ -528,7 +529,10 @@ impl App {
     }
 
     pub fn paused_databases(&self) -> HashSet<String> {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Every logged-in client, by id.
@@ -601,7 +605,9 @@ impl App {
                     database,
                     user,
                     Some(addr),
-                    shared.target(database, user, Some(addr)).expect("validated"),
+                    shared
+                        .target(database, user, Some(addr))
+                        .expect("validated"),
                     settings.clone(),
                     Arc::clone(limit),
                     Arc::clone(&statements),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PoolSettings;
@@ -123,7 +124,12 @@ impl PoolStats {
                 totals.transactions,
                 before.transactions,
             ),
-            query_us: mean(totals.query_us, before.query_us, totals.queries, before.queries),
+            query_us: mean(
+                totals.query_us,
+                before.query_us,
+                totals.queries,
+                before.queries,
+            ),
             wait_us: mean(totals.wait_us, before.wait_us, totals.waits, before.waits),
         };
         p.start = Some((now, totals));
@@ -183,6 +189,8 @@ struct State {
     connecting: usize,
     /// PAUSE in force: no server is handed out until RESUME.
     paused: bool,
+    /// Since when each client held back by PAUSE has waited.
+    held: Vec<Instant>,
     /// Every server that exists, idle or attached.
     servers: BTreeMap<u64, ServerInfo>,
 }
@@ -220,6 +228,7 @@ impl Pool {
                 clients: 0,
                 connecting: 0,
                 paused: false,
+                held: Vec::new(),
                 servers: BTreeMap::new(),
             }),
             metrics: PoolMetrics::new(database, user, replica),
@@ -250,6 +259,13 @@ impl Pool {
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
     pub async fn checkout(self: &Arc<Self>) -> Result<Server> {
+        self.checkout_unless(&CancellationToken::new()).await
+    }
+
+    /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` fires
+    /// while the client waits (for a server, or for the end of a PAUSE). Opening a
+    /// server is not interrupted: dropping that halfway would lose its slot.
+    pub async fn checkout_unless(self: &Arc<Self>, cancel: &CancellationToken) -> Result<Server> {
         let start = Instant::now();
         loop {
             let next = {
@@ -282,13 +298,27 @@ impl Pool {
                     let resumed = self.resumed.notified();
                     tokio::pin!(resumed);
                     resumed.as_mut().enable();
-                    if !self.lock().paused {
-                        continue;
-                    }
+                    let _held = {
+                        let mut st = self.lock();
+                        if !st.paused {
+                            continue;
+                        }
+                        st.held.push(start);
+                        self.refresh_gauges(&st);
+                        Held {
+                            pool: self,
+                            since: start,
+                        }
+                    };
                     let remaining = timeout.saturating_sub(start.elapsed());
-                    if tokio::time::timeout(remaining, resumed).await.is_err() {
-                        self.metrics.wait.record(start.elapsed().as_secs_f64());
-                        return Err(Error::PoolTimeout(timeout));
+                    tokio::select! {
+                        r = tokio::time::timeout(remaining, resumed) => {
+                            if r.is_err() {
+                                self.metrics.wait.record(start.elapsed().as_secs_f64());
+                                return Err(Error::PoolTimeout(timeout));
+                            }
+                        }
+                        _ = cancel.cancelled() => return Err(Error::Killed),
                     }
                     continue;
                 }
@@ -298,7 +328,7 @@ impl Pool {
                         // server of another user's pool can make room.
                         self.limit.evict_idle_elsewhere(self);
                     }
-                    self.wait(rx, start, timeout).await?
+                    self.wait(rx, start, timeout, cancel).await?
                 }
             };
             if let Some(server) = self.usable(server) {
@@ -317,13 +347,25 @@ impl Pool {
     }
 
     async fn wait(
-        &self,
+        self: &Arc<Self>,
         mut rx: oneshot::Receiver<Result<Server>>,
         start: Instant,
         timeout: Duration,
+        cancel: &CancellationToken,
     ) -> Result<Server> {
         let remaining = timeout.saturating_sub(start.elapsed());
-        match tokio::time::timeout(remaining, &mut rx).await {
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(remaining, &mut rx) => waited,
+            _ = cancel.cancelled() => {
+                rx.close();
+                // A server handed over at the same moment goes back to the pool.
+                if let Ok(Ok(server)) = rx.try_recv() {
+                    self.release(server, true);
+                }
+                return Err(Error::Killed);
+            }
+        };
+        match waited {
             Ok(Ok(result)) => result,
             // The pool dropped the waiter; only happens if the pool itself went away.
             Ok(Err(_)) => Err(Error::PoolTimeout(timeout)),
@@ -357,7 +399,11 @@ impl Pool {
     async fn open_server(&self) -> Result<Server> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let target = self.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let target = self
+            .target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let timeout = {
             let mut st = self.lock();
             st.connecting += 1;
@@ -575,9 +621,10 @@ impl Pool {
 
     fn refresh_gauges(&self, st: &State) {
         let m = &self.metrics;
-        let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count();
+        let queued = st.waiters.iter().filter(|w| !w.tx.is_closed()).count();
+        let waiting = queued + st.held.len();
         let starved = if st.open < st.settings.size {
-            waiting
+            queued
         } else {
             0
         };
@@ -601,13 +648,9 @@ impl Pool {
             paused: st.paused,
             size: st.settings.size,
             mode: st.settings.mode,
-            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count() + st.held.len(),
             clients: st.clients,
-            oldest_wait: st
-                .waiters
-                .iter()
-                .find(|w| !w.tx.is_closed())
-                .map(|w| w.since.elapsed()),
+            oldest_wait: oldest_wait(&st),
         }
     }
 
@@ -736,10 +779,9 @@ impl Pool {
             }
             self.metrics.record_prepared(&self.statements.stats);
             self.stats.roll_period();
-            let oldest = st.waiters.iter().find(|w| !w.tx.is_closed());
             self.metrics
                 .oldest_wait
-                .set(oldest.map_or(0.0, |w| w.since.elapsed().as_secs_f64()));
+                .set(oldest_wait(&st).map_or(0.0, |w| w.as_secs_f64()));
             let after = st.open - retired.len();
             let mut missing = 0;
             while !st.paused && after + missing < s.min_size && self.reserve(&mut st) {
@@ -940,6 +982,38 @@ fn clone_error(e: &Error) -> Error {
             addr: String::new(),
             reason: other.to_string(),
         },
+    }
+}
+
+/// How long the longest-waiting client has waited, queued or held back by PAUSE.
+fn oldest_wait(st: &State) -> Option<Duration> {
+    let queued = st
+        .waiters
+        .iter()
+        .find(|w| !w.tx.is_closed())
+        .map(|w| w.since);
+    let held = st.held.iter().min().copied();
+    [queued, held]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.elapsed())
+}
+
+/// A client held back by PAUSE; uncounted however its wait ends, even if the waiting
+/// future is dropped.
+struct Held<'a> {
+    pool: &'a Pool,
+    since: Instant,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        if let Some(i) = st.held.iter().position(|t| *t == self.since) {
+            st.held.swap_remove(i);
+        }
+        self.pool.refresh_gauges(&st);
     }
 }
 

@@ -764,7 +764,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             if let Some(started) = t.xact_started.take() {
                 let took = now.saturating_duration_since(started);
                 m.transaction_duration.record(took.as_secs_f64());
-                stats.transaction_us.fetch_add(took.as_micros() as u64, Relaxed);
+                stats
+                    .transaction_us
+                    .fetch_add(took.as_micros() as u64, Relaxed);
             }
         }
         let settled = self

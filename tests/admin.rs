@@ -113,7 +113,10 @@ async fn console_commands_are_authorized_by_class() {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let (_, config) = show(&admin, "SHOW CONFIG").await;
-    let size = config.iter().find(|r| r["key"] == "default_pool_size").unwrap();
+    let size = config
+        .iter()
+        .find(|r| r["key"] == "default_pool_size")
+        .unwrap();
     assert_eq!(size["value"], "4");
 
     // Unknown commands and extended-protocol attempts get errors, never a hang; the
@@ -268,7 +271,17 @@ async fn psql_runs_console_commands() {
     let port = mux.addr.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(cluster::pg_bin("psql"))
-            .args(["-X", "-h", "127.0.0.1", "-p", &port, "-U", "app", "-d", "pgmux"])
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "app",
+                "-d",
+                "pgmux",
+            ])
             .args(["-v", "ON_ERROR_STOP=1", "-A", "-F", ","])
             .args(["-c", "SHOW POOLS", "-c", "SHOW VERSION", "-c", "RECONNECT"])
             .env("PGPASSWORD", "app-secret")
@@ -284,7 +297,10 @@ async fn psql_runs_console_commands() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.starts_with("database,user,cl_active,cl_waiting"), "{stdout}");
+    assert!(
+        stdout.starts_with("database,user,cl_active,cl_waiting"),
+        "{stdout}"
+    );
     assert!(stdout.contains(&format!("{db},app,1,0")), "{stdout}");
     assert!(stdout.contains("RECONNECT"), "{stdout}");
 }
@@ -317,10 +333,13 @@ async fn pause_and_resume_under_pgbench_load_lose_nothing() {
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for _ in 0..3 {
-        tokio::time::timeout(Duration::from_secs(20), admin.simple_query(&format!("PAUSE {db}")))
-            .await
-            .expect("PAUSE returns")
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            admin.simple_query(&format!("PAUSE {db}")),
+        )
+        .await
+        .expect("PAUSE returns")
+        .unwrap();
         // Every server is released and none is handed out while paused.
         for _ in 0..5 {
             let row = pool_row(&admin, &db).await.unwrap();
@@ -489,10 +508,9 @@ async fn reload_moves_a_database_and_removes_a_user() {
 
     // A removed user: new logins fail, the connected client keeps working.
     let md5 = connect(mux.addr, "app_md5", "md5-secret", &db).await;
-    let removed = moved.replace(
-        "[users.app_md5]\npassword = \"md5-secret\"",
-        "",
-    ).replace("stats_users = [\"app_md5\"]", "");
+    let removed = moved
+        .replace("[users.app_md5]\npassword = \"md5-secret\"", "")
+        .replace("stats_users = [\"app_md5\"]", "");
     std::fs::write(&path, &removed).unwrap();
     mux.app.reload().await.unwrap();
     let err = connect(mux.addr, "app_md5", "md5-secret", &db)
@@ -541,4 +559,58 @@ async fn kill_client_and_kill_database_disconnect_clients() {
     fresh.batch_execute("SELECT 1").await.unwrap();
     let err = admin.simple_query("KILL nosuchdb").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_held_by_pause_are_counted_and_can_be_killed() {
+    let (db, mux) = setup("console_held", "query_wait_timeout = \"30s\"").await;
+    let admin = console(&mux, "app", "app-secret").await;
+    let client = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+    admin.simple_query("PAUSE").await.unwrap();
+    let client = Arc::new(client);
+    let held = {
+        let client = Arc::clone(&client);
+        tokio::spawn(async move { client.batch_execute("SELECT 1").await })
+    };
+    let mut counted = false;
+    for _ in 0..100 {
+        let row = pool_row(&admin, &db).await.unwrap();
+        if row["cl_waiting"] == "1" {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "{:?}", pool_row(&admin, &db).await);
+    let (_, clients) = show(&admin, "SHOW CLIENTS").await;
+    let waiting = clients
+        .iter()
+        .find(|r| r["database"] == db)
+        .expect("the client");
+    assert_eq!(waiting["state"], "waiting");
+    admin
+        .simple_query(&format!("KILL_CLIENT {}", waiting["id"]))
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("a killed client is let go at once")
+        .unwrap();
+    assert!(result.is_err());
+    let row = pool_row(&admin, &db).await.unwrap();
+    assert_eq!(row["cl_waiting"], "0", "{row:?}");
+    assert_eq!(row["cl_active"], "0", "{row:?}");
+
+    // A new client waits for RESUME, then runs.
+    let later = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    let run = tokio::spawn(async move { later.batch_execute("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!run.is_finished());
+    admin.simple_query("RESUME").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -21,9 +21,7 @@ fn free_port() -> u16 {
     let offset = NEXT.fetch_add(10, std::sync::atomic::Ordering::Relaxed);
     let start = 20_000 + (std::process::id() % 5_000) as u16 + offset;
     (start..30_000)
-        .find(|p| {
-            (0..3).all(|i| TcpListener::bind(("127.0.0.1", *p + i)).is_ok())
-        })
+        .find(|p| (0..3).all(|i| TcpListener::bind(("127.0.0.1", *p + i)).is_ok()))
         .expect("a free port")
 }
 
@@ -226,7 +224,9 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
             .unwrap()
             .into_iter()
             .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("default_pool_size") => {
+                tokio_postgres::SimpleQueryMessage::Row(r)
+                    if r.get(0) == Some("default_pool_size") =>
+                {
                     r.get(1).map(str::to_string)
                 }
                 _ => None,
@@ -249,7 +249,10 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
 
     signal(&child, "TERM");
     // No new clients once shutdown has begun.
-    let refused = eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_err()).await;
+    let refused = eventually(Duration::from_secs(10), || {
+        TcpStream::connect(addr).is_err()
+    })
+    .await;
     assert!(refused, "still accepting after SIGTERM");
     // The open transaction may finish, and then its client is told to go.
     open.batch_execute("COMMIT").await.unwrap();
@@ -275,11 +278,14 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
     assert_eq!(rows.trim(), "1");
 }
 
+/// A metric sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// A strict reader of the Prometheus text format: every sample line is
 /// `name{label="value",...} number`, label values use only the `\\`, `\"` and `\n`
 /// escapes, and each family's `# TYPE` comes before its samples. Returns the samples as
 /// (name, labels, value).
-fn parse_prometheus(body: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+fn parse_prometheus(body: &str) -> Vec<Sample> {
     fn valid_name(n: &str) -> bool {
         let mut chars = n.chars();
         chars
@@ -420,7 +426,10 @@ async fn metrics_parse_strictly_and_answer_while_the_pool_is_exhausted() {
     for _ in 0..40 {
         let started = std::time::Instant::now();
         body = tokio::task::block_in_place(|| http_get(metrics_addr, "/metrics"));
-        assert!(started.elapsed() < Duration::from_secs(5), "/metrics was slow");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "/metrics was slow"
+        );
         let body = body.split("\r\n\r\n").nth(1).unwrap_or("");
         let samples = parse_prometheus(body);
         seen_waiting = samples.iter().any(|(name, labels, v)| {
