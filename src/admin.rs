@@ -225,12 +225,14 @@ async fn run(
             for (_, set) in &sets {
                 set.all().for_each(|p| p.pause());
             }
-            // Returns once no server of those pools is attached to a client.
+            // Returns once no server of those pools is attached to a client or being
+            // opened for one (a client that was opening one when PAUSE came runs its
+            // transaction first).
             loop {
                 let busy: usize = sets
                     .iter()
                     .flat_map(|(_, s)| s.all())
-                    .map(|p| p.active_servers())
+                    .map(|p| p.in_use())
                     .sum();
                 if busy == 0 {
                     break;

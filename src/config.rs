@@ -227,6 +227,28 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+/// A TOML error as a line number and the message, without the quoted source line that
+/// `toml` adds: that line may hold a password, and this text goes to logs and the console.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            // The key is safe to show, and says what is wrong better than a number.
+            let source = text.lines().nth(line - 1).unwrap_or("");
+            let key = source
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.contains(['"', '\'']));
+            match key {
+                Some(key) => format!("line {line} (`{key}`): {}", e.message().trim_end()),
+                None => format!("line {line}: {}", e.message().trim_end()),
+            }
+        }
+        None => e.message().trim_end().to_string(),
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -239,7 +261,8 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(describe(&e, text)))?;
         config.validate()?;
         Ok(config)
     }
@@ -640,6 +663,11 @@ mod tests {
         let config = Config::parse(MINIMAL).unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
+        // A syntax error on a password line names the line, not its text.
+        let broken = MINIMAL.replace("password = \"secret\"", "password = \"secret");
+        let err = Config::parse(&broken).unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
     }
 
     #[test]

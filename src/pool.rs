@@ -714,12 +714,6 @@ impl Pool {
         st.paused = true;
     }
 
-    /// Servers attached to clients; PAUSE is complete when every paused pool has none.
-    pub fn active_servers(&self) -> usize {
-        let st = self.lock();
-        st.open - st.idle.len() - st.connecting
-    }
-
     /// Ends a PAUSE: queued clients get idle servers, or new ones where there is room.
     pub fn resume(self: &Arc<Self>) {
         let mut st = self.lock();
