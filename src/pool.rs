@@ -503,6 +503,7 @@ impl Pool {
             || !server.flow.is_empty()
             || expired
             || st.open > st.settings.size
+            || self.limit.over()
             || (st.waiters.is_empty() && self.limit.others_starved(self))
         {
             drop(st);
@@ -765,7 +766,10 @@ impl Pool {
                     && st.open - retired.len() > s.min_size;
                 let too_old =
                     !s.server_lifetime.is_zero() && server.created.elapsed() >= s.server_lifetime;
-                if stale || idle_too_long || too_old || st.open - retired.len() > s.size {
+                let over_db = self.limit.max() != 0
+                    && self.limit.open().saturating_sub(retired.len()) > self.limit.max();
+                if stale || idle_too_long || too_old || over_db || st.open - retired.len() > s.size
+                {
                     retired.push(st.idle.remove(i));
                 } else {
                     i += 1;
@@ -891,6 +895,12 @@ impl DbLimit {
     /// The limit; 0 = none.
     pub fn max(&self) -> usize {
         self.max.load(Ordering::Acquire)
+    }
+
+    /// More servers are open than the limit allows: a reload lowered it.
+    fn over(&self) -> bool {
+        let max = self.max();
+        max != 0 && self.open() > max
     }
 
     pub fn set_max(&self, max: usize) {

@@ -614,3 +614,42 @@ async fn clients_held_by_pause_are_counted_and_can_be_killed() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_lowers_limits_on_running_pools() {
+    let (db, mux) = setup("console_set", "maintenance_interval = \"100ms\"").await;
+    let admin = console(&mux, "app", "app-secret").await;
+    let clients: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let c = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+            c.batch_execute("BEGIN").await.unwrap();
+            v.push(c);
+        }
+        v
+    };
+    assert_eq!(backends(primary(), &db), 3);
+    admin
+        .simple_query("SET max_db_connections = 1")
+        .await
+        .unwrap();
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let settled = eventually(Duration::from_secs(10), || backends(primary(), &db) <= 1).await;
+    assert!(settled, "{} backends", backends(primary(), &db));
+    admin
+        .simple_query("SET default_pool_size TO 2")
+        .await
+        .unwrap();
+    admin
+        .simple_query("SET max_db_connections = 0")
+        .await
+        .unwrap();
+    let (_, pools) = show(&admin, "SHOW POOLS").await;
+    let row = pools.iter().find(|r| r["database"] == db).unwrap();
+    assert_eq!(row["pool_size"], "2");
+    for c in &clients {
+        c.batch_execute("SELECT 1").await.unwrap();
+    }
+}
