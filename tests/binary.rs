@@ -170,12 +170,15 @@ async fn spawn_pgmux(name: &str, text: &str) -> (Process, SocketAddr, std::path:
         &format!("listen = \"127.0.0.1:{listen}\""),
     );
     let path = write_config(name, &text);
+    // Debug logs go to a file next to the config, for tests that read them.
+    let log = std::fs::File::create(path.with_extension("log")).unwrap();
     let child = Process(
         pgmux()
             .arg("-c")
             .arg(&path)
+            .args(["--log-level", "pgmux=debug", "--log-format", "json"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap(),
     );
@@ -240,6 +243,22 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
     assert!(reloaded, "SIGHUP did not reload");
     drop(admin);
 
+    // An invalid file is rejected with its reason logged; the old configuration stays.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace("default_pool_size = 3", "default_pool_size = 0"),
+    )
+    .unwrap();
+    signal(&child, "HUP");
+    let log_path = path.with_extension("log");
+    let logged = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("reload rejected"))
+    })
+    .await;
+    assert!(logged, "no log line for the rejected reload");
+    std::fs::write(&path, &good).unwrap();
+
     let open = connect(addr, "app", "app-secret", &db).await.unwrap();
     open.batch_execute("BEGIN; INSERT INTO items(v) VALUES ('during-shutdown')")
         .await
@@ -276,6 +295,22 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
         "SELECT count(*) FROM items WHERE v = 'during-shutdown'",
     );
     assert_eq!(rows.trim(), "1");
+
+    // Debug logs carry the client's span with db and user, and no password.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("pgmux.default_pool_size"),
+        "the rejection names its key"
+    );
+    for secret in ["app-secret", "md5-secret", "plain-secret"] {
+        assert!(!log.contains(secret), "a password in the log:\n{log}");
+    }
+    let in_span = log.lines().any(|l| {
+        l.contains("\"client\"")
+            && l.contains(&format!("\"db\":\"{db}\""))
+            && l.contains("\"user\":\"app\"")
+    });
+    assert!(in_span, "no client span with db and user in:\n{log}");
 }
 
 /// A metric sample: name, labels, value.
