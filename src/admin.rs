@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -70,9 +69,9 @@ fn fail(code: &'static str, message: impl Into<String>) -> Failure {
 }
 
 /// Serves one console session until the client leaves, is killed, or pgmux shuts down.
-pub async fn serve(
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     app: &Arc<App>,
-    stream: &mut TcpStream,
+    stream: &mut S,
     role: Role,
     me: &ClientInfo,
 ) -> Result<()> {

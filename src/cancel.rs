@@ -112,7 +112,12 @@ impl Registry {
 /// Delivers a CancelRequest to a server backend.
 pub async fn send(key: &CancelKey) {
     let attempt = async {
-        let mut stream = TcpStream::connect(&*key.addr).await?;
+        let tcp = TcpStream::connect(&*key.addr).await?;
+        // Over TLS when the server connections use it: the key is then not visible on
+        // the network (PostgreSQL takes a CancelRequest after an SSLRequest too).
+        let mut stream = crate::tls::connect_server(tcp, &key.host, key.tls.as_deref())
+            .await
+            .map_err(std::io::Error::other)?;
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(
             key.process_id,
@@ -120,6 +125,7 @@ pub async fn send(key: &CancelKey) {
             &mut buf,
         );
         stream.write_all(&buf).await?;
+        stream.flush().await?;
         // The server closes the connection once it has read the request.
         let mut sink = [0u8; 1];
         let _ = stream.read(&mut sink).await;

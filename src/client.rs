@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, field, info_span, warn, Instrument};
 
+use crate::tls::{self, ClientStream, ClientTlsMode};
+
 use crate::cancel::SlotGuard;
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
@@ -60,8 +62,9 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
 
 /// Runs the whole connection. Errors that the client should hear about have already been
 /// sent to it when this returns.
-async fn serve(app: &Arc<App>, mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
-    let _ = stream.set_nodelay(true);
+async fn serve(app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = ClientStream::Plain(tcp);
     let login_timeout = app.config().pgmux.client_login_timeout;
     let login = tokio::time::timeout(login_timeout, login(app, &mut stream, addr)).await;
     let mut client = match login {
@@ -130,19 +133,34 @@ fn prepared_statements(pool: &Arc<Pool>, mode: PoolMode) -> Option<ClientStateme
 }
 
 /// Sends the client the ErrorResponse for `e`, if it has one; failures are moot.
-async fn tell(stream: &mut TcpStream, e: &Error) {
+async fn tell(stream: &mut ClientStream, e: &Error) {
     let mut buf = BytesMut::new();
     e.write_response(&mut buf);
     if !buf.is_empty() {
-        let _ = stream.write_all(&buf).await;
+        // A client that does not read must not keep the task alive.
+        let _ = tokio::time::timeout(TELL_TIMEOUT, async {
+            let _ = send(stream, &buf).await;
+            // A TLS client reads the error before close_notify, not a reset.
+            let _ = stream.shutdown().await;
+        })
+        .await;
     }
+}
+
+/// How long a last error message may take to go out.
+const TELL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes `buf` and flushes: a TLS stream may keep bytes until it is flushed.
+async fn send(stream: &mut ClientStream, buf: &[u8]) -> Result<()> {
+    stream.write_all(buf).await.map_err(Error::ClientIo)?;
+    stream.flush().await.map_err(Error::ClientIo)
 }
 
 /// A logged-in client.
 struct Client {
     /// Its entry in SHOW CLIENTS, with the token KILL cancels.
     registration: crate::Registration,
-    stream: TcpStream,
+    stream: ClientStream,
     flow: Flow,
     pool: Arc<Pool>,
     mode: PoolMode,
@@ -223,9 +241,25 @@ struct Session {
     admission: crate::Admission,
 }
 
+/// What the authentication exchange may bind to: the TLS channel (for
+/// SCRAM-SHA-256-PLUS) and the client's certificate.
+fn transport(app: &App, stream: &ClientStream) -> crate::auth::Transport {
+    crate::auth::Transport {
+        end_point: match (&app.tls, stream.is_tls()) {
+            (Some(tls), true) => Some(Arc::clone(&tls.end_point)),
+            _ => None,
+        },
+        peer_cert: stream.peer_certificate(),
+    }
+}
+
 /// Negotiation and authentication. Returns `None` for a connection that only came to
 /// cancel a query.
-async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Result<Option<Login>> {
+async fn login(
+    app: &Arc<App>,
+    stream: &mut ClientStream,
+    addr: SocketAddr,
+) -> Result<Option<Login>> {
     let Some(startup) = negotiate(app, stream).await? else {
         return Ok(None);
     };
@@ -238,7 +272,7 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
     let mut out = BytesMut::new();
     if startup.minor_version != 0 || !startup.protocol_options.is_empty() {
         backend::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
-        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        send(stream, &out).await?;
         out.clear();
     }
     if startup
@@ -261,7 +295,9 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
     let application_name = startup.get("application_name").unwrap_or("").to_string();
     if requested == crate::ADMIN_DATABASE {
         let creds = shared.credentials(&user);
-        crate::auth::authenticate(stream, shared.config.pgmux.auth_type, &user, creds).await?;
+        let transport = transport(app, stream);
+        let auth_type = shared.config.pgmux.auth_type;
+        crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
         let g = &shared.config.pgmux;
         let role = if g.admin_users.contains(&user) {
             crate::admin::Role::Admin
@@ -280,7 +316,7 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
         }
         backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
         backend::ready_for_query(&mut out, b'I');
-        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        send(stream, &out).await?;
         debug!(role = ?role, "console session opened");
         let registration =
             app.register(addr, crate::ADMIN_DATABASE, &user, &application_name, true);
@@ -302,7 +338,9 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
     }
 
     let creds = shared.credentials(&user);
-    crate::auth::authenticate(stream, shared.config.pgmux.auth_type, &user, creds).await?;
+    let transport = transport(app, stream);
+    let auth_type = shared.config.pgmux.auth_type;
+    crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
 
     let pools = app.pool(&shared, &database, &user)?;
     let reported = pools.primary.reported_params().await?;
@@ -323,8 +361,8 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
     }
     backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
     backend::ready_for_query(&mut out, b'I');
-    stream.write_all(&out).await.map_err(Error::ClientIo)?;
-    debug!(user = %user, database = %database, "client logged in");
+    send(stream, &out).await?;
+    debug!(user = %user, database = %database, tls = stream.is_tls(), "client logged in");
 
     pools.primary.client_connected();
     let mode = pools.primary.settings().mode;
@@ -341,8 +379,24 @@ async fn login(app: &Arc<App>, stream: &mut TcpStream, addr: SocketAddr) -> Resu
     })))
 }
 
-/// Reads packets until a StartupMessage (or a CancelRequest, handled here).
-async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<StartupMessage>> {
+/// Reads packets until a StartupMessage (or a CancelRequest, handled here). Runs the
+/// TLS handshake on the way when the client asks for it.
+async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<StartupMessage>> {
+    // A PostgreSQL 17 client with sslnegotiation=direct opens with a TLS ClientHello
+    // instead of a packet length (whose first byte is 0 for any valid startup packet).
+    if let ClientStream::Plain(tcp) = stream {
+        let mut first = [0u8; 1];
+        let n = tcp.peek(&mut first).await.map_err(Error::ClientIo)?;
+        if n == 1 && first[0] == tls::TLS_HANDSHAKE_BYTE {
+            let Some(acceptor) = &app.tls else {
+                // Nothing can be said in plaintext to a TLS client: just close.
+                return Err(Error::ClientIo(std::io::Error::other(
+                    "direct TLS connection refused: client_tls_mode = \"disable\"",
+                )));
+            };
+            upgrade(stream, acceptor, true).await?;
+        }
+    }
     // SSLRequest then GSSENCRequest is the most a real client sends before its startup.
     for _ in 0..3 {
         let packet = match startup::read(stream).await.map_err(Error::ClientIo)? {
@@ -354,7 +408,28 @@ async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Star
         };
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+                let ClientStream::Plain(tcp) = &*stream else {
+                    return Err(Error::ClientProtocol(
+                        "encryption requested on an encrypted connection".into(),
+                    ));
+                };
+                // The client must wait for the answer: bytes already here were sent in
+                // plaintext before any handshake and may have been injected
+                // (CVE-2021-23214). The startup packet was read unbuffered, byte-exact,
+                // so anything extra is still in the socket.
+                if let Err(e) = tls::ensure_nothing_buffered(tcp) {
+                    return Err(match e.kind() {
+                        std::io::ErrorKind::InvalidData => Error::ClientProtocol(e.to_string()),
+                        _ => Error::ClientIo(e),
+                    });
+                }
+                match (&packet, &app.tls) {
+                    (StartupPacket::SslRequest, Some(acceptor)) => {
+                        send(stream, b"S").await?;
+                        upgrade(stream, acceptor, false).await?;
+                    }
+                    _ => send(stream, b"N").await?,
+                }
             }
             StartupPacket::Cancel {
                 process_id,
@@ -363,12 +438,37 @@ async fn negotiate(app: &Arc<App>, stream: &mut TcpStream) -> Result<Option<Star
                 app.cancels.cancel(process_id, secret_key).await;
                 return Ok(None);
             }
-            StartupPacket::Startup(message) => return Ok(Some(message)),
+            StartupPacket::Startup(message) => {
+                let require = app.tls.as_ref().map(|t| t.mode) == Some(ClientTlsMode::Require);
+                if require && !stream.is_tls() {
+                    let user = message.get("user").unwrap_or_default();
+                    let database = message.get("database").unwrap_or(user);
+                    return Err(Error::TlsRequired(format!(
+                        "connection without TLS refused for user \"{user}\", database \
+                         \"{database}\": pgmux has client_tls_mode = \"require\""
+                    )));
+                }
+                return Ok(Some(message));
+            }
         }
     }
     Err(Error::ClientProtocol(
         "too many negotiation requests".into(),
     ))
+}
+
+/// Runs the TLS handshake; a failed one is logged and ends the connection.
+async fn upgrade(stream: &mut ClientStream, acceptor: &tls::Acceptor, direct: bool) -> Result<()> {
+    stream.upgrade(acceptor, direct).await.map_err(|e| {
+        debug!(error = %e, direct, "client TLS handshake failed");
+        match e.kind() {
+            // Direct TLS without ALPN: the handshake is done, the client can be told.
+            std::io::ErrorKind::InvalidData if stream.is_tls() => {
+                Error::ClientProtocol(e.to_string())
+            }
+            _ => Error::ClientIo(e),
+        }
+    })
 }
 
 /// The session parameters a startup packet asks for, `options` included.
@@ -510,7 +610,7 @@ impl Client {
                 pool.release(server, false);
                 return Err(Error::Killed);
             };
-            if !choice.read_only && self.pools.router.is_some() {
+            if !choice.read_only && self.pools.router.is_some() && self.tracker.wrote() {
                 self.route.last_write = Some((std::time::Instant::now(), None));
             }
             match end {
@@ -536,7 +636,10 @@ impl Client {
     /// Returns `false` when the client leaves. Requests that need no server (a lone
     /// Sync or Flush between transactions) are answered here.
     async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
+        // Read once per wait, not per message: a reload applies from the next request.
+        let max_message_size = app.config().pgmux.max_message_size;
         loop {
+            check_header(self.flow.pending(), max_message_size)?;
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
@@ -602,6 +705,9 @@ impl Client {
             if self.flow.buf.capacity() - self.flow.buf.len() < 512 {
                 self.flow.buf.reserve(IDLE_BUFFER);
             }
+            // Whatever was written since the last read (the relay's last reply, answers
+            // given here) may still sit in a TLS buffer, and the client waits for it.
+            self.stream.flush().await.map_err(Error::ClientIo)?;
             let read = tokio::select! {
                 read = self.stream.read_buf(&mut self.flow.buf) => read,
                 _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
@@ -1032,6 +1138,20 @@ impl Client {
             server.params = Arc::new(ParamSet::default());
         }
         ok
+    }
+}
+
+/// Refuses a message whose length field is impossible or over `max_message_size`,
+/// before a server is taken for it (the relay checks again as it frames).
+fn check_header(pending: &[u8], max: usize) -> Result<()> {
+    match crate::protocol::header(pending) {
+        Some(Err(len)) => Err(Error::ClientProtocol(format!(
+            "invalid message length {len}"
+        ))),
+        Some(Ok((_, len))) if len > max => Err(Error::ClientProtocol(format!(
+            "message of {len} bytes exceeds max_message_size ({max})"
+        ))),
+        _ => Ok(()),
     }
 }
 

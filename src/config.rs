@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+pub use crate::tls::{ClientTlsMode, ServerTlsMode};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +45,10 @@ pub enum AuthType {
     Plain,
     #[serde(rename = "trust")]
     Trust,
+    /// A TLS client certificate, verified against `client_tls_ca`, whose common name
+    /// is the user name.
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 /// Settings under `[pgmux]`.
@@ -116,6 +122,30 @@ pub struct General {
     /// Users (from `[users]`) that may run the console's SHOW commands only.
     #[serde(default)]
     pub stats_users: Vec<String>,
+    /// TLS towards clients; see [`crate::tls`].
+    #[serde(default)]
+    pub client_tls_mode: ClientTlsMode,
+    /// PEM certificate chain pgmux presents to clients.
+    #[serde(default)]
+    pub client_tls_cert: Option<PathBuf>,
+    /// PEM private key of `client_tls_cert`.
+    #[serde(default)]
+    pub client_tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against; unset means
+    /// clients are not asked for certificates.
+    #[serde(default)]
+    pub client_tls_ca: Option<PathBuf>,
+    /// TLS towards servers, as libpq's `sslmode`.
+    #[serde(default)]
+    pub server_tls_mode: ServerTlsMode,
+    /// PEM CA certificates that server certificates are verified against.
+    #[serde(default)]
+    pub server_tls_ca: Option<PathBuf>,
+    /// PEM client certificate pgmux presents to servers (with `server_tls_key`).
+    #[serde(default)]
+    pub server_tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub server_tls_key: Option<PathBuf>,
 }
 
 /// A `[users.NAME]` table: the credentials clients present, also used towards the server.
@@ -297,6 +327,9 @@ impl Config {
         if g.client_login_timeout.is_zero() {
             return Err(invalid("pgmux.client_login_timeout", "must be positive"));
         }
+        // Loads the certificates and keys, so a bad path or PEM file fails the check.
+        crate::tls::acceptor(self)?;
+        crate::tls::connector(self)?;
         if self.databases.contains_key(crate::ADMIN_DATABASE) {
             return Err(invalid(
                 "databases.pgmux",
@@ -447,6 +480,12 @@ impl Config {
             AuthType::Md5 => "md5",
             AuthType::Plain => "plain",
             AuthType::Trust => "trust",
+            AuthType::Cert => "cert",
+        };
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         };
         vec![
             ("listen", g.listen.to_string()),
@@ -478,6 +517,17 @@ impl Config {
             ("maintenance_interval", d(g.maintenance_interval)),
             ("max_message_size", g.max_message_size.to_string()),
             ("shutdown_timeout", d(g.shutdown_timeout)),
+            (
+                "client_tls_mode",
+                format!("{:?}", g.client_tls_mode).to_lowercase(),
+            ),
+            ("client_tls_cert", path(&g.client_tls_cert)),
+            ("client_tls_key", path(&g.client_tls_key)),
+            ("client_tls_ca", path(&g.client_tls_ca)),
+            ("server_tls_mode", g.server_tls_mode.as_str().to_string()),
+            ("server_tls_ca", path(&g.server_tls_ca)),
+            ("server_tls_cert", path(&g.server_tls_cert)),
+            ("server_tls_key", path(&g.server_tls_key)),
             ("admin_users", g.admin_users.join(",")),
             ("stats_users", g.stats_users.join(",")),
         ]

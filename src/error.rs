@@ -23,6 +23,12 @@ pub enum Error {
     /// Authentication failed; the reason is logged, never shown to the client.
     #[error("authentication failed for user \"{user}\": {reason}")]
     Auth { user: String, reason: &'static str },
+    /// A plaintext client while `client_tls_mode = "require"`; the text is the message.
+    #[error("{0}")]
+    TlsRequired(String),
+    /// auth_type "cert" refused the client; the text is what it is told.
+    #[error("{0}")]
+    CertAuth(String),
     #[error("no such database: \"{0}\"")]
     UnknownDatabase(String),
     #[error("too many clients already (max_client_conn)")]
@@ -74,6 +80,7 @@ impl Error {
                 "28P01",
                 format!("password authentication failed for user \"{user}\""),
             ),
+            TlsRequired(m) | CertAuth(m) => fatal("28000", m.clone()),
             UnknownDatabase(db) => fatal("3D000", format!("database \"{db}\" does not exist")),
             TooManyClients => fatal("53300", "sorry, too many clients already".to_string()),
             Killed => fatal("57P01", self.to_string()),
@@ -112,6 +119,8 @@ impl Error {
             ClientProtocol(_) => "client_protocol",
             Unsupported(_) => "unsupported",
             Auth { .. } => "auth",
+            TlsRequired(_) => "tls_required",
+            CertAuth(_) => "auth",
             UnknownDatabase(_) => "unknown_database",
             TooManyClients => "too_many_clients",
             PoolTimeout(_) => "query_wait_timeout",

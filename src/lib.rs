@@ -22,6 +22,7 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod sql;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -62,6 +63,9 @@ pub struct App {
     paused: Mutex<HashSet<String>>,
     /// Cancelled when pgmux starts shutting down.
     pub shutdown: CancellationToken,
+    /// TLS towards clients, unless `client_tls_mode = "disable"`. Loaded at start only:
+    /// a reload keeps it (see [`App::apply_config`]).
+    pub tls: Option<tls::Acceptor>,
 }
 
 /// A configuration and what pgmux derives from it.
@@ -76,6 +80,9 @@ pub struct Shared {
     routers: HashMap<String, Arc<routing::Router>>,
     /// `read_only_alias` names, to the database they stand for.
     aliases: HashMap<String, String>,
+    /// TLS towards servers, unless `server_tls_mode = "disable"`; loaded at start and
+    /// carried over by reloads.
+    server_tls: Option<Arc<tls::Connector>>,
 }
 
 /// The pools of one (database, user) pair: the primary's, and one per replica.
@@ -182,7 +189,11 @@ impl Shared {
     /// Derives everything from `config`, reusing from `prev` what did not change: SCRAM
     /// secrets (expensive to compute), database budgets, and routers (with their probes
     /// and lag history).
-    fn build(config: Config, prev: Option<&Shared>) -> Shared {
+    fn build(
+        config: Config,
+        prev: Option<&Shared>,
+        server_tls: Option<Arc<tls::Connector>>,
+    ) -> Shared {
         let users = config
             .users
             .iter()
@@ -268,6 +279,7 @@ impl Shared {
                     dbname: db.server_dbname(name).to_string(),
                     user: user.clone(),
                     password: password.clone(),
+                    tls: server_tls.clone(),
                 };
                 let replicas = db
                     .replicas
@@ -298,6 +310,7 @@ impl Shared {
             replica_limits,
             routers,
             aliases,
+            server_tls,
         }
     }
 
@@ -316,6 +329,7 @@ impl Shared {
             dbname: db.server_dbname(name).to_string(),
             user: user.to_string(),
             password,
+            tls: self.server_tls.clone(),
         })
     }
 
@@ -343,9 +357,12 @@ pub struct ReloadSummary {
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<App> {
-        Arc::new(App {
-            shared: RwLock::new(Arc::new(Shared::build(config, None))),
+    /// Fails if the TLS certificates or keys cannot be loaded.
+    pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
+        let tls = tls::acceptor(&config)?;
+        let server_tls = tls::connector(&config)?;
+        Ok(Arc::new(App {
+            shared: RwLock::new(Arc::new(Shared::build(config, None, server_tls))),
             config_path: Mutex::new(None),
             reloading: tokio::sync::Mutex::new(()),
             pools: Mutex::new(HashMap::new()),
@@ -355,7 +372,8 @@ impl App {
             next_client_id: AtomicU64::new(1),
             paused: Mutex::new(HashSet::new()),
             shutdown: CancellationToken::new(),
-        })
+            tls,
+        }))
     }
 
     /// The configuration in force and what derives from it.
@@ -413,7 +431,30 @@ impl App {
             config.pgmux.metrics_listen = prev.config.pgmux.metrics_listen;
             summary.ignored.push("metrics_listen");
         }
-        let next = Arc::new(Shared::build(config, Some(&prev)));
+        // Certificates and keys are loaded once, at start; TLS settings keep their values.
+        {
+            let (new, old) = (&mut config.pgmux, &prev.config.pgmux);
+            let tls_changed = new.client_tls_mode != old.client_tls_mode
+                || new.client_tls_cert != old.client_tls_cert
+                || new.client_tls_key != old.client_tls_key
+                || new.client_tls_ca != old.client_tls_ca
+                || new.server_tls_mode != old.server_tls_mode
+                || new.server_tls_ca != old.server_tls_ca
+                || new.server_tls_cert != old.server_tls_cert
+                || new.server_tls_key != old.server_tls_key;
+            if tls_changed {
+                new.client_tls_mode = old.client_tls_mode;
+                new.client_tls_cert = old.client_tls_cert.clone();
+                new.client_tls_key = old.client_tls_key.clone();
+                new.client_tls_ca = old.client_tls_ca.clone();
+                new.server_tls_mode = old.server_tls_mode;
+                new.server_tls_ca = old.server_tls_ca.clone();
+                new.server_tls_cert = old.server_tls_cert.clone();
+                new.server_tls_key = old.server_tls_key.clone();
+                summary.ignored.push("client_tls_* and server_tls_*");
+            }
+        }
+        let next = Arc::new(Shared::build(config, Some(&prev), prev.server_tls.clone()));
         *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&next);
         let mut retired = Vec::new();
         {
@@ -688,7 +729,8 @@ impl Running {
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.pgmux.listen).await?;
     let addr = listener.local_addr()?;
-    let app = App::new(config);
+    let app = App::new(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let accept = tokio::spawn(listen(listener, Arc::clone(&app)));
     info!(listen = %addr, "pgmux is accepting clients");
     Ok(Running { addr, app, accept })
@@ -711,5 +753,31 @@ async fn listen(listener: TcpListener, app: Arc<App>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection task that panics while holding the pools lock poisons it; the
+    /// other connections must go on (tokio keeps the panic inside the task, and every
+    /// lock is taken with `unwrap_or_else(|e| e.into_inner())`).
+    #[tokio::test]
+    async fn a_poisoned_pools_lock_does_not_stop_other_clients() {
+        let config =
+            Config::parse("[pgmux]\n[users.app]\npassword = \"x\"\n[databases.db]\nport = 1\n")
+                .unwrap();
+        let app = App::new(config).unwrap();
+        let other = Arc::clone(&app);
+        let panicked = tokio::spawn(async move {
+            let _held = other.pools.lock().unwrap();
+            panic!("a bug in one connection task");
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert!(app.pools.is_poisoned());
+        assert!(app.pool(&app.shared(), "db", "app").is_ok());
+        assert!(app.pool_snapshot("db", "app").is_some());
     }
 }

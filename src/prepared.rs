@@ -40,6 +40,10 @@ pub const NAME_PREFIX: &str = "__pgmux_";
 /// own, and that the client never prepared, are sent as this one.
 const UNKNOWN_NAME: &[u8] = b"__pgmux_unknown";
 
+/// An empty statement pgmux prepares only for a client's extended-protocol DEALLOCATE
+/// to remove, so that the client's DEALLOCATE runs and answers as it would have.
+const DEALLOCATED_NAME: &str = "__pgmux_deallocated";
+
 /// One distinct statement of a pool: its server-side name and the Parse that creates it.
 #[derive(Debug)]
 pub struct Statement {
@@ -107,6 +111,20 @@ impl Registry {
                 .store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
         }
         stmt
+    }
+
+    /// Stops handing out `stmt` for its text: the next Parse of that text gets a new
+    /// server-side name. Clients holding `stmt` keep it.
+    fn retire(&self, stmt: &Statement) {
+        let name_end = 5 + stmt.name.len() + 1;
+        let spec = &stmt.parse[name_end..];
+        let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(spec)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), stmt))
+        {
+            map.remove(spec);
+        }
     }
 
     /// The statement for `spec` if some server has accepted it.
@@ -213,6 +231,12 @@ enum Undo {
         name: Box<[u8]>,
         stmt: Arc<Statement>,
     },
+    /// A Bind or Describe of this statement: nothing to take back, but an error saying
+    /// its plan went stale retires it.
+    Uses(Arc<Statement>),
+    /// A DEALLOCATE ALL or DISCARD ALL: the client's names it dropped when sent, given
+    /// back if it fails.
+    Reset(HashMap<Box<[u8]>, Arc<Statement>>),
 }
 
 /// What the relay does with a client message after [`ClientStatements::on_client`].
@@ -249,6 +273,12 @@ pub struct ClientStatements {
     /// An error arrived and the client has not sent its Sync yet: the server ignores
     /// everything until then, and so does the bookkeeping.
     skipping: bool,
+    /// DEALLOCATEs of [`DEALLOCATED_NAME`] sent for the client and not yet completed:
+    /// their CommandComplete says nothing about pgmux's statements on the server.
+    own_deallocates: u32,
+    /// The client's names an unnamed Parse of DEALLOCATE ALL or DISCARD ALL dropped,
+    /// until the Execute that runs it (or the Sync, when none does).
+    pending_reset: Option<HashMap<Box<[u8]>, Arc<Statement>>>,
     /// Scratch space for rewritten messages; reused, so steady state allocates nothing.
     pub out: BytesMut,
 }
@@ -262,6 +292,8 @@ impl ClientStatements {
             server_cap,
             expect: VecDeque::new(),
             skipping: false,
+            own_deallocates: 0,
+            pending_reset: None,
             out: BytesMut::new(),
         }
     }
@@ -290,6 +322,8 @@ impl ClientStatements {
     pub fn reset_request(&mut self) {
         self.expect.clear();
         self.skipping = false;
+        self.own_deallocates = 0;
+        self.pending_reset = None;
     }
 
     fn stats(&self) -> &Stats {
@@ -305,23 +339,46 @@ impl ClientStatements {
         server: &mut Option<ServerStatements>,
         copy_in: bool,
     ) -> Action {
-        let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
         if self.skipping && tag != tag::SYNC {
             // The server ignores it; so does the bookkeeping.
             return Action::Forward;
         }
+        let drops = self.drops_server_statements(tag, body);
+        if drops != Drops::Nothing {
+            // Whatever the client sends behind this runs after the server has dropped
+            // its statements, so what pgmux prepared there must be forgotten now, not
+            // when the answer comes. Should it fail, pgmux prepares again what the
+            // server still holds, which is safe (a Close goes first).
+            self.forget_server(server);
+        }
+        if drops == Drops::All {
+            // Likewise the client's names: statements it prepares right behind may
+            // reuse them, and must survive the answer.
+            let names = std::mem::take(&mut self.map);
+            if tag == tag::QUERY {
+                self.expect
+                    .push_back(Expect::Relay(Kind::Ready, Undo::Reset(names)));
+                return Action::Forward;
+            }
+            self.pending_reset = Some(names);
+        }
+        let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
         match tag {
             tag::PARSE => self.parse(body, server),
             tag::BIND => self.bind(body, server),
             tag::DESCRIBE => self.describe(body, server),
             tag::CLOSE => self.close(body),
             tag::EXECUTE => {
-                self.expect
-                    .push_back(Expect::Relay(Kind::Execute, Undo::None));
+                let undo = self.pending_reset.take().map_or(Undo::None, Undo::Reset);
+                self.expect.push_back(Expect::Relay(Kind::Execute, undo));
                 Action::Forward
             }
             tag::SYNC if copy_in => Action::Forward,
             tag::SYNC => {
+                if let Some(names) = self.pending_reset.take() {
+                    // Prepared but never executed: nothing was dropped.
+                    self.restore(names);
+                }
                 self.skipping = false;
                 self.expect.push_back(Expect::Relay(Kind::Sync, Undo::None));
                 Action::Forward
@@ -336,11 +393,49 @@ impl ClientStatements {
         }
     }
 
+    /// Whether a simple query, or an unnamed Parse, is a DEALLOCATE ALL or DISCARD ALL,
+    /// or a DEALLOCATE of a name the client does not hold (possibly one of pgmux's).
+    fn drops_server_statements(&self, tag: u8, body: &[u8]) -> Drops {
+        let text = match tag {
+            tag::QUERY => body.strip_suffix(b"\0").unwrap_or(body),
+            tag::PARSE => match cstr(body) {
+                Some((b"", spec)) => match cstr(spec) {
+                    Some((text, _)) => text,
+                    None => return Drops::Nothing,
+                },
+                _ => return Drops::Nothing,
+            },
+            _ => return Drops::Nothing,
+        };
+        let Ok(text) = std::str::from_utf8(text) else {
+            return Drops::Nothing;
+        };
+        if crate::sql::drops_all_statements(text) {
+            Drops::All
+        } else if crate::sql::deallocate_name(text)
+            .is_some_and(|name| !self.map.contains_key(name.as_bytes()))
+        {
+            Drops::Unknown
+        } else {
+            Drops::Nothing
+        }
+    }
+
+    /// Gives back names a reset dropped, except those the client has prepared anew.
+    fn restore(&mut self, names: HashMap<Box<[u8]>, Arc<Statement>>) {
+        for (name, stmt) in names {
+            self.map.entry(name).or_insert(stmt);
+        }
+    }
+
     fn parse(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
         let Some((name, spec)) = cstr(body) else {
             return Action::Forward;
         };
         if name.is_empty() {
+            if let Some(action) = self.extended_deallocate(spec) {
+                return action;
+            }
             self.expect
                 .push_back(Expect::Relay(Kind::Parse, Undo::None));
             return Action::Forward;
@@ -381,6 +476,30 @@ impl ClientStatements {
         };
         self.expect.push_back(Expect::Relay(Kind::Parse, undo));
         Action::Replace
+    }
+
+    /// An unnamed Parse of `DEALLOCATE name` for a statement the client holds, as
+    /// drivers send in pipeline mode, where the simple query protocol is not allowed
+    /// (psycopg past prepared_max with libpq before 17). The server knows the statement
+    /// by another name, so the client's name is dropped here, and the DEALLOCATE is
+    /// pointed at an empty statement made for it: Bind and Execute then answer as they
+    /// would have, with CommandComplete `DEALLOCATE`.
+    fn extended_deallocate(&mut self, spec: &[u8]) -> Option<Action> {
+        let (text, _) = cstr(spec)?;
+        let target = deallocate_target(text)?;
+        let (name, stmt) = self.map.remove_entry(target.as_bytes())?;
+        self.out.clear();
+        close_statement(&mut self.out, DEALLOCATED_NAME);
+        self.expect
+            .push_back(Expect::Hidden(Kind::Close, Undo::None));
+        put_parse(&mut self.out, DEALLOCATED_NAME, "");
+        self.expect
+            .push_back(Expect::Hidden(Kind::Parse, Undo::None));
+        put_parse(&mut self.out, "", &format!("DEALLOCATE {DEALLOCATED_NAME}"));
+        self.expect
+            .push_back(Expect::Relay(Kind::Parse, Undo::ClientClose { name, stmt }));
+        self.own_deallocates += 1;
+        Some(Action::Replace)
     }
 
     /// Appends to `out` what creates `stmt` on the server: Closes of statements evicted
@@ -449,13 +568,15 @@ impl ClientStatements {
         let server_name = match self.map.get(name) {
             Some(stmt) => {
                 let stmt = Arc::clone(stmt);
+                // Keep the Bind's expectation behind the ones of what is sent first.
+                self.expect.pop_back();
                 if !server.touch(&stmt.name) {
-                    // Keep the Bind's expectation behind the ones of what is sent first.
-                    let bind = self.expect.pop_back().expect("just pushed");
                     self.prepare_on_server(&stmt, server, true);
-                    self.expect.push_back(bind);
                 }
-                stmt.name.clone()
+                let name = stmt.name.clone();
+                self.expect
+                    .push_back(Expect::Relay(Kind::Bind, Undo::Uses(stmt)));
+                name
             }
             None if name.starts_with(NAME_PREFIX.as_bytes()) => {
                 Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
@@ -487,12 +608,14 @@ impl ClientStatements {
         let server_name = match self.map.get(name) {
             Some(stmt) => {
                 let stmt = Arc::clone(stmt);
+                self.expect.pop_back();
                 if !server.touch(&stmt.name) {
-                    let describe = self.expect.pop_back().expect("just pushed");
                     self.prepare_on_server(&stmt, server, true);
-                    self.expect.push_back(describe);
                 }
-                stmt.name.clone()
+                let name = stmt.name.clone();
+                self.expect
+                    .push_back(Expect::Relay(Kind::Describe, Undo::Uses(stmt)));
+                name
             }
             None if name.starts_with(NAME_PREFIX.as_bytes()) => {
                 Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
@@ -547,8 +670,8 @@ impl ClientStatements {
         Action::Forward
     }
 
-    /// Looks at a server message (`body` given for CommandComplete only, empty
-    /// otherwise) and says what the client gets of it.
+    /// Looks at a server message (`body` given for CommandComplete and ErrorResponse
+    /// only, empty otherwise) and says what the client gets of it.
     pub fn on_server(
         &mut self,
         tag: u8,
@@ -559,7 +682,7 @@ impl ClientStatements {
             btag::NOTICE_RESPONSE | btag::PARAMETER_STATUS | btag::NOTIFICATION_RESPONSE => {
                 return Disposition::Keep
             }
-            btag::ERROR_RESPONSE => return self.on_error(server),
+            btag::ERROR_RESPONSE => return self.on_error(body, server),
             btag::COMMAND_COMPLETE => self.command_complete(body, server),
             btag::COPY_IN_RESPONSE | btag::COPY_BOTH_RESPONSE => {
                 // Syncs sent behind the Execute that started COPY FROM STDIN are ignored
@@ -621,9 +744,16 @@ impl ClientStatements {
         let tag = body.strip_suffix(b"\0").unwrap_or(body);
         match tag {
             b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                if let Some(Expect::Relay(_, undo @ Undo::Reset(_))) = self.expect.front_mut() {
+                    // Done when it was sent; it succeeded, so nothing is given back.
+                    *undo = Undo::None;
+                    return;
+                }
+                // Not seen when sent (one statement of several in a query string).
                 self.map.clear();
                 self.forget_server(server);
             }
+            b"DEALLOCATE" if self.own_deallocates > 0 => self.own_deallocates -= 1,
             // The client deallocated something by a name it never prepared through
             // the protocol: it may have been one of pgmux's.
             b"DEALLOCATE" => self.forget_server(server),
@@ -642,7 +772,13 @@ impl ClientStatements {
         }
     }
 
-    fn on_error(&mut self, server: &mut Option<ServerStatements>) -> Disposition {
+    fn on_error(&mut self, body: &[u8], server: &mut Option<ServerStatements>) -> Disposition {
+        if let Some(Expect::Relay(Kind::Ready, undo @ Undo::Reset(_))) = self.expect.front_mut() {
+            let Undo::Reset(names) = std::mem::replace(undo, Undo::None) else {
+                unreachable!("matched above")
+            };
+            self.restore(names);
+        }
         let Some(front) = self.expect.front() else {
             return Disposition::Keep;
         };
@@ -653,6 +789,15 @@ impl ClientStatements {
             return Disposition::Keep;
         }
         let failed = self.expect.pop_front().expect("front exists");
+        if let Expect::Relay(_, Undo::Uses(stmt)) = &failed {
+            if is_stale_plan(body) {
+                // The schema changed under the statement (PostgreSQL: "cached plan must
+                // not change result type"). A driver answers by preparing the text
+                // again, under a new name; were that mapped to this server-side
+                // statement, it would fail the same way on every server that holds it.
+                self.registry.retire(stmt);
+            }
+        }
         let disposition = match &failed {
             Expect::Refused(error) => {
                 self.out.clear();
@@ -706,6 +851,8 @@ impl ClientStatements {
                 }
             }
             Undo::ServerParse(stmt) => forget_on_server(&stmt.name),
+            Undo::Uses(_) => {}
+            Undo::Reset(names) => self.restore(names),
             Undo::ClientClose { name, stmt } => {
                 self.map.entry(name).or_insert(stmt);
             }
@@ -839,6 +986,16 @@ impl ClientStatements {
     }
 }
 
+/// What a client message does to the statements a server holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Drops {
+    Nothing,
+    /// A DEALLOCATE of a name the client does not hold.
+    Unknown,
+    /// DEALLOCATE ALL or DISCARD ALL.
+    All,
+}
+
 /// The outcome of [`ClientStatements::answer_locally`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Local {
@@ -847,6 +1004,34 @@ pub enum Local {
     /// Answerable so far, but not complete: read more first.
     Incomplete,
     NeedsServer,
+}
+
+/// Whether an ErrorResponse body is PostgreSQL's refusal to run a prepared statement
+/// whose result type changed since it was prepared. The routine name is checked as well
+/// as the message, which lc_messages may translate.
+fn is_stale_plan(body: &[u8]) -> bool {
+    let mut code = false;
+    let mut stale = false;
+    for field in body.split(|b| *b == 0) {
+        match field.split_first() {
+            Some((b'C', value)) => code = value == b"0A000",
+            Some((b'R', value)) => stale |= value == b"RevalidateCachedQuery",
+            Some((b'M', value)) => stale |= value == b"cached plan must not change result type",
+            _ => {}
+        }
+    }
+    code && stale
+}
+
+/// Appends a Parse of `query`, without parameter types, as statement `name`.
+fn put_parse(out: &mut BytesMut, name: &str, query: &str) {
+    out.put_u8(tag::PARSE);
+    out.put_i32((4 + name.len() + 1 + query.len() + 1 + 2) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(query.as_bytes());
+    out.put_u8(0);
+    out.put_i16(0);
 }
 
 fn close_statement(out: &mut BytesMut, name: &str) {
@@ -868,4 +1053,47 @@ fn deallocate_target(text: &[u8]) -> Option<String> {
         return None;
     }
     crate::sql::deallocate_name(std::str::from_utf8(text).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale_plan;
+
+    fn body(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, v) in fields {
+            b.push(*t);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn stale_plans_are_told_by_code_and_routine_or_message() {
+        let english = body(&[
+            (b'S', "ERROR"),
+            (b'C', "0A000"),
+            (b'M', "cached plan must not change result type"),
+            (b'F', "plancache.c"),
+            (b'R', "RevalidateCachedQuery"),
+        ]);
+        assert!(is_stale_plan(&english));
+        // lc_messages translates the message, not the routine name.
+        let german = body(&[
+            (b'C', "0A000"),
+            (b'M', "gecachter Plan darf den Ergebnistyp nicht ändern"),
+            (b'R', "RevalidateCachedQuery"),
+        ]);
+        assert!(is_stale_plan(&german));
+        let other = body(&[
+            (b'C', "0A000"),
+            (b'M', "cannot insert into view"),
+            (b'R', "ExecInitModifyTable"),
+        ]);
+        assert!(!is_stale_plan(&other));
+        let wrong_code = body(&[(b'C', "42P01"), (b'R', "RevalidateCachedQuery")]);
+        assert!(!is_stale_plan(&wrong_code));
+    }
 }

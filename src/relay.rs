@@ -221,12 +221,20 @@ pub struct Tracker {
     /// transaction's first request was: for the duration histograms and SHOW STATS.
     query_started: Option<Instant>,
     xact_started: Option<Instant>,
+    /// A statement ran whose completion does not rule out a write: anything but the
+    /// session and transaction-control commands that never touch data.
+    wrote: bool,
 }
 
 impl Tracker {
     /// No request outstanding and no extended batch half sent.
     pub fn quiet(&self) -> bool {
         self.pending == 0 && !self.unsynced
+    }
+
+    /// Whether a statement ran that may have written (see [`writes_nothing`]).
+    pub fn wrote(&self) -> bool {
+        self.wrote
     }
 
     /// ReadyForQuery messages the server still owes.
@@ -402,6 +410,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn write_to_client(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         let ready = self.server.flow.ready();
         if ready.is_empty() {
+            // A TLS stream may still hold written bytes; plain TCP returns at once.
+            flush(&mut *self.client.stream, cx).map_err(Error::ClientIo)?;
             return Ok(false);
         }
         match Pin::new(&mut *self.client.stream).poll_write(cx, ready) {
@@ -421,6 +431,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn write_to_server(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         let ready = self.client.flow.ready();
         if ready.is_empty() {
+            // As for the client: TLS may hold bytes until flushed.
+            if let Err(e) = flush(&mut self.server.stream, cx) {
+                return Err(self.server_failed(e));
+            }
             return Ok(false);
         }
         match Pin::new(&mut self.server.stream).poll_write(cx, ready) {
@@ -547,6 +561,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     if frame.tag == tag::SYNC {
                         t.unsynced = false;
                         t.syncs_since_execute += 1;
+                    } else {
+                        t.wrote = true;
                     }
                 }
                 tag::PARSE => {
@@ -562,8 +578,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     t.unsynced = true;
                     t.syncs_since_execute = 0;
                 }
-                tag::FLUSH if t.copy_in => {}
-                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => t.unsynced = true,
+                // A Flush starts nothing the server must finish: drivers in pipeline
+                // mode send one right behind their Sync (to read the results at once),
+                // and that must not keep the server from being released after it.
+                tag::FLUSH => {}
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => t.unsynced = true,
                 tag::COPY_DATA => {}
                 tag::COPY_DONE | tag::COPY_FAIL => t.copy_in = false,
                 tag::TERMINATE => {
@@ -653,7 +672,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             let disposition = match self.client.prepared.as_deref_mut() {
                 Some(statements) => {
-                    let body = if frame.tag == btag::COMMAND_COMPLETE {
+                    let body = if matches!(frame.tag, btag::COMMAND_COMPLETE | btag::ERROR_RESPONSE)
+                    {
                         self.server.flow.body(frame)
                     } else {
                         &[]
@@ -665,7 +685,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             match frame.tag {
                 btag::READY_FOR_QUERY => self.ready_for_query(frame)?,
                 btag::COMMAND_COMPLETE => {
-                    self.tracker.committed = self.server.flow.body(frame) == b"COMMIT\0";
+                    let tag = self.server.flow.body(frame);
+                    self.tracker.committed = tag == b"COMMIT\0";
+                    if !writes_nothing(tag) {
+                        self.tracker.wrote = true;
+                    }
                 }
                 btag::PARAMETER_STATUS => self.parameter_status(frame),
                 btag::ERROR_RESPONSE => {
@@ -874,6 +898,7 @@ pub async fn settle(
             tracker.unsynced = false;
         }
         server.stream.write_all(&out).await.ok()?;
+        server.stream.flush().await.ok()?;
         if tracker.pending > 0 {
             crate::cancel::send(&server.cancel_key).await;
         }
@@ -961,6 +986,27 @@ pub fn remember_reported(reported: &mut Vec<(String, String)>, name: &str, value
 }
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.
+/// Whether a CommandComplete tag (NUL included) is one of the commands that cannot
+/// write data: session settings and transaction control. Everything else, SELECT
+/// included (it may call a function that writes), may have written.
+fn writes_nothing(tag: &[u8]) -> bool {
+    matches!(
+        tag,
+        b"SET\0"
+            | b"RESET\0"
+            | b"SHOW\0"
+            | b"BEGIN\0"
+            | b"START TRANSACTION\0"
+            | b"COMMIT\0"
+            | b"ROLLBACK\0"
+            | b"SAVEPOINT\0"
+            | b"RELEASE\0"
+            | b"DISCARD ALL\0"
+            | b"DEALLOCATE\0"
+            | b"DEALLOCATE ALL\0"
+    )
+}
+
 /// The SQLSTATE field of an ErrorResponse body.
 fn error_code(body: &[u8]) -> Option<&[u8]> {
     let mut rest = body;

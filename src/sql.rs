@@ -137,6 +137,19 @@ pub fn session_effect(sql: &str) -> SessionEffect {
     }
 }
 
+/// Whether a single statement is `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`, which
+/// drop every prepared statement of the session.
+pub fn drops_all_statements(sql: &str) -> bool {
+    let Some((words, _)) = single_statement_words(sql) else {
+        return false;
+    };
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    matches!(
+        words.as_slice(),
+        ["deallocate", "all"] | ["deallocate", "prepare", "all"] | ["discard", "all"]
+    )
+}
+
 /// The statement a single-statement `DEALLOCATE [PREPARE] name` removes, as PostgreSQL
 /// looks it up: unquoted names folded to lower case, quoted ones as written. `None` for
 /// `DEALLOCATE ALL` and anything else.

@@ -495,3 +495,70 @@ async fn metrics_parse_strictly_and_answer_while_the_pool_is_exhausted() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_replica_lag_and_routing() {
+    let clusters = cluster::shared();
+    let db = tokio::task::block_in_place(|| {
+        let db = fresh_db(&clusters.primary, "metrics_route");
+        clusters.wait_replica_caught_up();
+        db
+    });
+    let replica = clusters.replica.as_ref().expect("a replica");
+    let (listen, metrics) = (free_port(), free_port() + 1);
+    let routing = format!("replicas = [\"127.0.0.1:{}\"]", replica.port());
+    let text = config_text(&clusters.primary, &db, "", &routing).replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{listen}\"\nmetrics_listen = \"127.0.0.1:{metrics}\""),
+    );
+    let path = write_config("metrics_route", &text);
+    let _child = Process(
+        pgmux()
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let up = eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()).await;
+    assert!(up, "pgmux did not start");
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let eligible = format!(
+        "pgmux_replica_eligible{{database=\"{db}\",replica=\"127.0.0.1:{}\"}} 1",
+        replica.port()
+    );
+    let joined = eventually(Duration::from_secs(10), || {
+        http_get(metrics_addr, "/metrics").contains(&eligible)
+    });
+    assert!(
+        tokio::task::block_in_place(|| joined).await,
+        "replica never eligible"
+    );
+
+    let client = connect(addr, "app", "app-secret", &db).await.unwrap();
+    for statement in ["BEGIN READ ONLY", "SELECT 1", "COMMIT"] {
+        client.batch_execute(statement).await.unwrap();
+    }
+    client.batch_execute("SELECT 1").await.unwrap();
+    let body = tokio::task::block_in_place(|| http_get(metrics_addr, "/metrics"));
+    for series in [
+        format!("pgmux_routed_transactions_total{{database=\"{db}\",target=\"replica\"}} 1"),
+        format!("pgmux_routed_transactions_total{{database=\"{db}\",target=\"primary\"}} 1"),
+        format!(
+            "pgmux_replica_lag_seconds{{database=\"{db}\",replica=\"127.0.0.1:{}\"}} 0",
+            replica.port()
+        ),
+        format!(
+            "pgmux_replica_lag_bytes{{database=\"{db}\",replica=\"127.0.0.1:{}\"}}",
+            replica.port()
+        ),
+        format!(
+            "pgmux_pool_servers{{database=\"{db}\",user=\"app\",replica=\"127.0.0.1:{}\"}}",
+            replica.port()
+        ),
+    ] {
+        assert!(body.contains(&series), "{series} missing from:\n{body}");
+    }
+}

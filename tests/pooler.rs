@@ -839,3 +839,45 @@ async fn function_call_passes_through() {
     let n: i32 = other.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(n, 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_behind_sync_does_not_hold_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let (db, mux) = setup("flush", "auth_type = \"trust\"\ndefault_pool_size = 1").await;
+    let (mut stream, seen) =
+        raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    assert_eq!(seen.last().unwrap().0, b'Z');
+    // What libpq's pipeline mode sends when a pipeline ends (psycopg's `with
+    // conn.pipeline()`): the batch, Sync, then a Flush to get the results at once.
+    let mut m = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::parse("", "SELECT 1", std::iter::empty(), &mut m)
+        .unwrap();
+    postgres_protocol::message::frontend::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<i32>(),
+        |_: i32,
+         _: &mut bytes::BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        Some(0),
+        &mut m,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    postgres_protocol::message::frontend::execute("", 0, &mut m).unwrap();
+    postgres_protocol::message::frontend::sync(&mut m);
+    postgres_protocol::message::frontend::flush(&mut m);
+    stream.write_all(&m).await.unwrap();
+    assert_eq!(tags(&read_until_ready(&mut stream).await), "12DCZ");
+    // The only server went back to the pool at that ReadyForQuery.
+    let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let n: i32 = tokio::time::timeout(Duration::from_secs(5), other.query_one("SELECT 7", &[]))
+        .await
+        .expect("the server is free for another client")
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 7);
+}

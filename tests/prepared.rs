@@ -337,3 +337,164 @@ async fn a_prepare_while_idle_needs_no_server() {
     assert_eq!(local, 1);
     tx.commit().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_prepared_again_after_a_schema_change_gets_a_fresh_statement() {
+    let (db, mux) = setup("prep_ddl", "default_pool_size = 1\nauth_type = \"trust\"").await;
+    let a = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    a.batch_execute("CREATE TABLE ddl_t(x int); INSERT INTO ddl_t VALUES (1)")
+        .await
+        .unwrap();
+    let old_a = a.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(a.query_one(&old_a, &[]).await.unwrap().len(), 1);
+    // Another client holds the same text, so the server-side statement lives on.
+    let b = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let old_b = b.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(b.query_one(&old_b, &[]).await.unwrap().len(), 1);
+
+    a.batch_execute("ALTER TABLE ddl_t ADD COLUMN y int DEFAULT 7")
+        .await
+        .unwrap();
+    // As from PostgreSQL: the old statement refuses to run...
+    let err = a.query_one(&old_a, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    // ...and preparing the text again, as drivers then do, gives the new result type.
+    let new_a = a.prepare("SELECT * FROM ddl_t").await.unwrap();
+    let row = a.query_one(&new_a, &[]).await.unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 7));
+    // The other client's old statement fails the same way, until it prepares again.
+    let err = b.query_one(&old_b, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    let new_b = b.prepare("SELECT * FROM ddl_t").await.unwrap();
+    assert_eq!(b.query_one(&new_b, &[]).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_in_an_extended_query_drops_the_client_name() {
+    let (db, mux) = setup(
+        "prep_xdealloc",
+        "default_pool_size = 1\nauth_type = \"trust\"",
+    )
+    .await;
+    // Another client holds the same text, so the server-side statement must survive.
+    let other = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let kept = other.prepare("SELECT 'shared'").await.unwrap();
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'shared'");
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "12DCZ");
+
+    // What libpq's pipeline mode makes of a SQL DEALLOCATE: an unnamed statement.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE s1");
+    bind_execute(&mut m, "");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12CZ", "{answer:?}");
+    assert_eq!(answer[2].1, b"DEALLOCATE\0");
+    // The client's name is gone, as after DEALLOCATE in PostgreSQL...
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+    // ...and free again.
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'again'");
+    bind_execute(&mut m, "s1");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12DCZ");
+    assert_eq!(&answer[2].1[6..], b"again");
+    // A name the client never prepared fails on the server, as it would without pgmux.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE never_prepared");
+    bind_execute(&mut m, "");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(
+        error_code(&answer[answer.len() - 2].1),
+        "26000",
+        "{answer:?}"
+    );
+    // The other client's statement was never touched.
+    let row = other.query_one(&kept, &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "shared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_right_behind_a_deallocate_all_exist() {
+    let (db, mux) = setup(
+        "prep_dealloc_all",
+        "default_pool_size = 1\nauth_type = \"trust\"",
+    )
+    .await;
+    let (mut s, _) = raw_login(mux.addr, 3 << 16, &[("user", "app"), ("database", &db)]).await;
+    let mut m = BytesMut::new();
+    parse(&mut m, "s1", "SELECT 'one'");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "1Z");
+    for (i, reset) in ["DEALLOCATE ALL", "DISCARD ALL"].iter().enumerate() {
+        // The reset and what follows it go out at once, as a pipelining driver sends
+        // them: the statements are prepared after the server dropped its own.
+        let mut m = BytesMut::new();
+        frontend::query(reset, &mut m).unwrap();
+        let name = format!("s{}", i + 2);
+        parse(&mut m, &name, "SELECT 'one'");
+        bind_execute(&mut m, &name);
+        frontend::sync(&mut m);
+        s.write_all(&m).await.unwrap();
+        let first = read_until_ready(&mut s).await;
+        assert_eq!(tags(&first), "CZ", "{reset}: {first:?}");
+        let second = read_until_ready(&mut s).await;
+        assert_eq!(tags(&second), "12DCZ", "{reset}: {second:?}");
+        assert_eq!(&second[2].1[6..], b"one");
+        // The new name outlives the reset's answer; the old ones are gone.
+        let mut m = BytesMut::new();
+        bind_execute(&mut m, &name);
+        frontend::sync(&mut m);
+        assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ", "{reset}");
+        let mut m = BytesMut::new();
+        bind_execute(&mut m, "s1");
+        frontend::sync(&mut m);
+        assert_eq!(error_code(&round_trip(&mut s, m).await[0].1), "26000");
+    }
+    // The same through the extended protocol, as libpq's pipeline mode sends it.
+    let mut m = BytesMut::new();
+    parse(&mut m, "", "DEALLOCATE ALL");
+    bind_execute(&mut m, "");
+    parse(&mut m, "s4", "SELECT 'one'");
+    bind_execute(&mut m, "s4");
+    frontend::sync(&mut m);
+    let answer = round_trip(&mut s, m).await;
+    assert_eq!(tags(&answer), "12C12DCZ", "{answer:?}");
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s4");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ");
+    let mut m = BytesMut::new();
+    parse(&mut m, "s3", "SELECT 'three'");
+    bind_execute(&mut m, "s3");
+    frontend::sync(&mut m);
+    assert_eq!(
+        tags(&round_trip(&mut s, m).await),
+        "12DCZ",
+        "s3 was dropped"
+    );
+
+    // A reset that fails drops nothing: DISCARD ALL is refused inside a transaction.
+    let mut m = BytesMut::new();
+    frontend::query("BEGIN", &mut m).unwrap();
+    frontend::query("DISCARD ALL", &mut m).unwrap();
+    frontend::query("ROLLBACK", &mut m).unwrap();
+    s.write_all(&m).await.unwrap();
+    read_until_ready(&mut s).await;
+    let refused = read_until_ready(&mut s).await;
+    assert_eq!(error_code(&refused[0].1), "25001", "{refused:?}");
+    read_until_ready(&mut s).await;
+    let mut m = BytesMut::new();
+    bind_execute(&mut m, "s3");
+    frontend::sync(&mut m);
+    assert_eq!(tags(&round_trip(&mut s, m).await), "2DCZ");
+}

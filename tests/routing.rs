@@ -516,3 +516,52 @@ async fn the_console_shows_replica_pools_and_lag() {
         .unwrap();
     assert!(replica_stats["total_xact_count"].parse::<u64>().unwrap() >= 1);
 }
+
+/// The numbers after `replica=` and `primary=` in a driver script's last line.
+fn placements(out: &drivers::Outcome) -> (u32, u32) {
+    let line = out.stdout.lines().last().unwrap_or_default();
+    let number = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {}", out.describe()))
+    };
+    (number("replica="), number("primary="))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_readonly_transactions_run_on_the_replica() {
+    let python = drivers::python();
+    let clusters = cluster::shared();
+    let (db, mux) = setup(clusters, "route_asyncpg", "auth_type = \"md5\"", "").await;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(drivers::script("asyncpg_readonly.py"))
+        .arg(format!(
+            "postgresql://app:app-secret@127.0.0.1:{}/{db}",
+            mux.addr.port()
+        ))
+        .arg("10");
+    let out = drivers::run_child(cmd, Duration::from_secs(120)).await;
+    out.assert_clean("asyncpg");
+    assert_eq!(placements(&out), (20, 1), "{}", out.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_pipelined_begin_read_only_runs_on_the_replica() {
+    let jar = drivers::jdbc_jar();
+    let classes = drivers::jdbc_classes(&jar, "JdbcReadOnly.java").await;
+    let clusters = cluster::shared();
+    let (db, mux) = setup(clusters, "route_jdbc", "auth_type = \"md5\"", "").await;
+    let mut cmd = std::process::Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{}:{}", classes.display(), jar.display()))
+        .arg("JdbcReadOnly")
+        .arg(format!(
+            "jdbc:postgresql://127.0.0.1:{}/{db}?connectTimeout=20&socketTimeout=60",
+            mux.addr.port()
+        ))
+        .args(["app", "app-secret", "10"]);
+    let out = drivers::run_child(cmd, Duration::from_secs(120)).await;
+    out.assert_clean("pgjdbc");
+    assert_eq!(placements(&out), (10, 10), "{}", out.describe());
+}

@@ -34,12 +34,23 @@ impl Credentials {
     }
 }
 
+/// What the connection itself tells about the client: whether it is encrypted, and the
+/// certificate it presented.
+#[derive(Debug, Default, Clone)]
+pub struct Transport {
+    /// `tls-server-end-point` channel binding data, on a TLS connection.
+    pub end_point: Option<std::sync::Arc<[u8]>>,
+    /// The client's certificate, already verified against `client_tls_ca`.
+    pub peer_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+}
+
 /// Runs the configured exchange. `creds` is `None` for a user pgmux does not know.
 pub async fn authenticate<S>(
     stream: &mut S,
     auth_type: AuthType,
     user: &str,
     creds: Option<&Credentials>,
+    transport: &Transport,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -73,7 +84,22 @@ where
             );
             check(given, expected.as_bytes()).ok_or_else(|| failed("wrong password"))
         }
-        AuthType::ScramSha256 => scram_exchange(stream, user, creds).await,
+        AuthType::ScramSha256 => {
+            scram_exchange(stream, user, creds, transport.end_point.as_deref()).await
+        }
+        AuthType::Cert => {
+            let cert = transport.peer_cert.as_ref().ok_or_else(|| {
+                Error::CertAuth("connection requires a valid client certificate".into())
+            })?;
+            let name = crate::tls::common_name(cert);
+            if name.as_deref() == Some(user) && creds.is_some() {
+                Ok(())
+            } else {
+                Err(Error::CertAuth(format!(
+                    "certificate authentication failed for user \"{user}\""
+                )))
+            }
+        }
     }
 }
 
@@ -81,7 +107,13 @@ fn check(given: &[u8], expected: &[u8]) -> Option<()> {
     bool::from(given.ct_eq(expected)).then_some(())
 }
 
-async fn scram_exchange<S>(stream: &mut S, user: &str, creds: Option<&Credentials>) -> Result<()>
+/// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS when `end_point` (a TLS connection) is given.
+async fn scram_exchange<S>(
+    stream: &mut S,
+    user: &str,
+    creds: Option<&Credentials>,
+    end_point: Option<&[u8]>,
+) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -90,17 +122,27 @@ where
         reason,
     };
     let mut out = BytesMut::new();
-    backend::authentication_sasl(&mut out, &[scram::MECHANISM]);
+    if end_point.is_some() {
+        backend::authentication_sasl(&mut out, &[scram::MECHANISM_PLUS, scram::MECHANISM]);
+    } else {
+        backend::authentication_sasl(&mut out, &[scram::MECHANISM]);
+    }
     let initial = exchange(stream, &mut out).await?;
 
     // SASLInitialResponse: mechanism name, then an Int32 length and the client-first data.
     let (mechanism, rest) = crate::protocol::cstr(&initial)
         .ok_or_else(|| Error::ClientProtocol("malformed SASLInitialResponse".into()))?;
-    if mechanism != scram::MECHANISM.as_bytes() {
+    let binding = if mechanism == scram::MECHANISM.as_bytes() {
+        scram::Binding::NotUsed {
+            server_supports: end_point.is_some(),
+        }
+    } else if let (true, Some(data)) = (mechanism == scram::MECHANISM_PLUS.as_bytes(), end_point) {
+        scram::Binding::TlsServerEndPoint(data)
+    } else {
         return Err(Error::ClientProtocol(
             "unsupported SASL mechanism requested".into(),
         ));
-    }
+    };
     if rest.len() < 4 {
         return Err(Error::ClientProtocol(
             "malformed SASLInitialResponse".into(),
@@ -109,7 +151,8 @@ where
     let data = &rest[4..];
 
     let secret = creds.map_or_else(ScramSecret::mock, |c| c.scram.clone());
-    let (state, server_first) = scram::start(secret, data).map_err(|e| scram_failure(user, e))?;
+    let (state, server_first) =
+        scram::start(secret, data, binding).map_err(|e| scram_failure(user, e))?;
     backend::authentication_sasl_continue(&mut out, server_first.as_bytes());
     let client_final = exchange(stream, &mut out).await?;
 
@@ -121,6 +164,7 @@ where
     }
     backend::authentication_sasl_final(&mut out, server_final.as_bytes());
     stream.write_all(&out).await.map_err(Error::ClientIo)?;
+    stream.flush().await.map_err(Error::ClientIo)?;
     Ok(())
 }
 
@@ -133,6 +177,9 @@ fn scram_failure(user: &str, e: ScramError) -> Error {
         ScramError::ChannelBindingUnsupported => Error::ClientProtocol(
             "SCRAM channel binding is not supported on this connection".into(),
         ),
+        ScramError::BindingNegotiation(what) => {
+            Error::ClientProtocol(format!("SCRAM channel binding negotiation error ({what})"))
+        }
         ScramError::Malformed(what) => {
             Error::ClientProtocol(format!("malformed SCRAM message ({what})"))
         }
@@ -145,6 +192,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     stream.write_all(out).await.map_err(Error::ClientIo)?;
+    stream.flush().await.map_err(Error::ClientIo)?;
     out.clear();
     let (tag, body) = frontend::read_message(stream, MAX_AUTH_MESSAGE).await?;
     if tag != tag::PASSWORD {

@@ -10,6 +10,19 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// SCRAM with `tls-server-end-point` channel binding, offered on TLS connections.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// Channel binding for one exchange, from the mechanism the client chose.
+#[derive(Debug, Clone, Copy)]
+pub enum Binding<'a> {
+    /// Plain SCRAM-SHA-256. `server_supports` is true on TLS, where the PLUS variant was
+    /// offered: a client that says "y" (it could bind but thinks the server cannot) is
+    /// then seeing a downgrade, and the exchange fails (RFC 5802 section 6).
+    NotUsed { server_supports: bool },
+    /// SCRAM-SHA-256-PLUS with this connection's `tls-server-end-point` data.
+    TlsServerEndPoint(&'a [u8]),
+}
 
 /// Longest client nonce accepted; real clients send 18 to 32 characters.
 const MAX_NONCE: usize = 256;
@@ -63,6 +76,8 @@ impl ScramSecret {
 pub enum ScramError {
     Malformed(&'static str),
     ChannelBindingUnsupported,
+    /// The client's channel binding choice does not fit the mechanism or connection.
+    BindingNegotiation(&'static str),
     WrongProof,
 }
 
@@ -72,7 +87,9 @@ pub struct Exchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client-final `c=` attribute must decode to: the gs2 header, followed
+    /// by the channel binding data when binding is used.
+    expected_binding: Vec<u8>,
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -83,24 +100,51 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 
 /// Handles the client-first-message (the data of SASLInitialResponse) and returns the
 /// server-first-message to send in AuthenticationSASLContinue.
-pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(Exchange, String), ScramError> {
+pub fn start(
+    secret: ScramSecret,
+    client_first: &[u8],
+    binding: Binding<'_>,
+) -> Result<(Exchange, String), ScramError> {
     let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     // gs2-header: a channel-binding flag, an optional authzid, then the bare message.
     let (flag, rest) = text
         .split_once(',')
         .ok_or(ScramError::Malformed("gs2 header"))?;
-    match flag {
-        "n" | "y" => {}
-        f if f.starts_with("p=") => return Err(ScramError::ChannelBindingUnsupported),
+    let binding_data: &[u8] = match (flag, binding) {
+        ("n", Binding::NotUsed { .. }) => &[],
+        ("y", Binding::NotUsed { server_supports }) => {
+            if server_supports {
+                return Err(ScramError::BindingNegotiation(
+                    "client supports channel binding but did not use it",
+                ));
+            }
+            &[]
+        }
+        ("p=tls-server-end-point", Binding::TlsServerEndPoint(data)) => data,
+        (f, Binding::NotUsed { server_supports }) if f.starts_with("p=") => {
+            return Err(if server_supports {
+                ScramError::BindingNegotiation(
+                    "channel binding requested without the PLUS mechanism",
+                )
+            } else {
+                ScramError::ChannelBindingUnsupported
+            })
+        }
+        (f, Binding::TlsServerEndPoint(_)) if f == "n" || f == "y" || f.starts_with("p=") => {
+            return Err(ScramError::BindingNegotiation(
+                "SCRAM-SHA-256-PLUS needs channel binding type tls-server-end-point",
+            ))
+        }
         _ => return Err(ScramError::Malformed("channel binding flag")),
-    }
+    };
     let (authzid, bare) = rest
         .split_once(',')
         .ok_or(ScramError::Malformed("gs2 header"))?;
     if !authzid.is_empty() {
         return Err(ScramError::Malformed("authzid is not supported"));
     }
-    let gs2_header = format!("{flag},{authzid},");
+    let mut expected_binding = format!("{flag},{authzid},").into_bytes();
+    expected_binding.extend_from_slice(binding_data);
     let mut client_nonce = None;
     for attr in bare.split(',') {
         if let Some(n) = attr.strip_prefix("r=") {
@@ -132,7 +176,7 @@ pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(Exchange, Stri
         client_first_bare: bare.to_string(),
         server_first: server_first.clone(),
         nonce,
-        gs2_header,
+        expected_binding,
     };
     Ok((exchange, server_first))
 }
@@ -157,7 +201,7 @@ impl Exchange {
         let binding = STANDARD
             .decode(binding.ok_or(ScramError::Malformed("missing channel binding"))?)
             .map_err(|_| ScramError::Malformed("channel binding encoding"))?;
-        if binding != self.gs2_header.as_bytes() {
+        if !bool::from(binding.as_slice().ct_eq(self.expected_binding.as_slice())) {
             return Err(ScramError::Malformed("channel binding does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -197,7 +241,13 @@ mod tests {
         let secret = ScramSecret::from_password(server_password);
         let mut client =
             ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let (exchange, server_first) = start(secret, client.message())?;
+        let (exchange, server_first) = start(
+            secret,
+            client.message(),
+            Binding::NotUsed {
+                server_supports: false,
+            },
+        )?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = exchange.finish(client.message())?;
         client
@@ -227,14 +277,66 @@ mod tests {
             b"n,a=u,n=,r=abc",
             b"\xff",
         ] {
-            assert!(start(secret.clone(), msg).is_err(), "{msg:?}");
+            assert!(start(secret.clone(), msg, NO_TLS).is_err(), "{msg:?}");
         }
         let long = format!("n,,n=,r={}", "a".repeat(MAX_NONCE + 1));
-        assert!(start(secret.clone(), long.as_bytes()).is_err());
+        assert!(start(secret.clone(), long.as_bytes(), NO_TLS).is_err());
         assert_eq!(
-            start(secret, b"p=tls-server-end-point,,n=,r=abc").err(),
+            start(secret, b"p=tls-server-end-point,,n=,r=abc", NO_TLS).err(),
             Some(ScramError::ChannelBindingUnsupported)
         );
+    }
+
+    const NO_TLS: Binding<'static> = Binding::NotUsed {
+        server_supports: false,
+    };
+
+    /// SCRAM-SHA-256-PLUS against postgres-protocol's client, with `client_data` as the
+    /// client's idea of the end-point hash and `server_data` as pgmux's.
+    fn plus_exchange(client_data: &[u8], server_data: &[u8]) -> Result<(), ScramError> {
+        let secret = ScramSecret::from_password("pw");
+        let mut client = ScramSha256::new(
+            b"pw",
+            ChannelBinding::tls_server_end_point(client_data.to_vec()),
+        );
+        let (exchange, server_first) = start(
+            secret,
+            client.message(),
+            Binding::TlsServerEndPoint(server_data),
+        )?;
+        client.update(server_first.as_bytes()).unwrap();
+        let server_final = exchange.finish(client.message())?;
+        client.finish(server_final.as_bytes()).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn channel_binding_must_match_the_connection() {
+        assert_eq!(plus_exchange(b"hash-a", b"hash-a"), Ok(()));
+        assert!(matches!(
+            plus_exchange(b"hash-a", b"hash-b"),
+            Err(ScramError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn downgrades_are_refused() {
+        let secret = ScramSecret::from_password("x");
+        let tls = Binding::NotUsed {
+            server_supports: true,
+        };
+        // "y": the client could bind but believes the server cannot; on TLS it can.
+        assert!(matches!(
+            start(secret.clone(), b"y,,n=,r=abc", tls),
+            Err(ScramError::BindingNegotiation(_))
+        ));
+        assert!(start(secret.clone(), b"y,,n=,r=abc", NO_TLS).is_ok());
+        assert!(start(secret.clone(), b"n,,n=,r=abc", tls).is_ok());
+        // The PLUS mechanism without binding data.
+        assert!(matches!(
+            start(secret, b"n,,n=,r=abc", Binding::TlsServerEndPoint(b"h")),
+            Err(ScramError::BindingNegotiation(_))
+        ));
     }
 
     #[test]

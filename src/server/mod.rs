@@ -18,14 +18,35 @@ use crate::error::{Error, Result};
 use crate::params::{ParamSet, SharedParams};
 
 /// Where a pool's servers live and who pgmux logs in as.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
     pub dbname: String,
     pub user: String,
     pub password: String,
+    /// TLS settings, unless `server_tls_mode = "disable"`.
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
+
+/// A reload compares targets to see whether a pool must retire its servers; TLS
+/// settings are the same object for as long as they are unchanged.
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.dbname == other.dbname
+            && self.user == other.user
+            && self.password == other.password
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Target {}
 
 /// Written by hand so that no log line can carry the password.
 impl std::fmt::Debug for Target {
@@ -55,11 +76,15 @@ pub struct CancelKey {
     pub addr: Arc<str>,
     pub process_id: i32,
     pub secret_key: i32,
+    /// The server's host name (for TLS) and TLS settings: the cancel is sent the way
+    /// the connection itself was made.
+    pub host: Arc<str>,
+    pub tls: Option<Arc<crate::tls::Connector>>,
 }
 
 /// A logged-in server connection.
 pub struct Server {
-    pub stream: TcpStream,
+    pub stream: crate::tls::ServerStream,
     /// Bytes read from the server and not yet delivered; see [`crate::relay::Flow`].
     pub flow: crate::relay::Flow,
     pub cancel_key: CancelKey,
@@ -107,8 +132,14 @@ impl Server {
             addr: addr.to_string(),
             reason: e.to_string(),
         };
-        let mut stream = TcpStream::connect(addr).await.map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
+        let tcp = TcpStream::connect(addr).await.map_err(connect_error)?;
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        let mut stream = crate::tls::connect_server(tcp, &target.host, target.tls.as_deref())
+            .await
+            .map_err(|reason| Error::Connect {
+                addr: addr.to_string(),
+                reason,
+            })?;
 
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -120,6 +151,7 @@ impl Server {
         )
         .map_err(connect_error)?;
         stream.write_all(&out).await.map_err(connect_error)?;
+        stream.flush().await.map_err(connect_error)?;
 
         let mut server = Server {
             stream,
@@ -128,6 +160,8 @@ impl Server {
                 addr: Arc::from(addr),
                 process_id: 0,
                 secret_key: 0,
+                host: Arc::from(target.host.as_str()),
+                tls: target.tls.clone(),
             },
             params: Arc::new(ParamSet::default()),
             reported: Vec::new(),
@@ -163,6 +197,7 @@ impl Server {
 
     async fn send(&mut self, out: &mut BytesMut) -> Result<()> {
         self.stream.write_all(out).await.map_err(Error::ServerIo)?;
+        self.stream.flush().await.map_err(Error::ServerIo)?;
         out.clear();
         Ok(())
     }
@@ -190,26 +225,32 @@ impl Server {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut offered = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms
                         .next()
                         .map_err(|e| Error::ServerProtocol(e.to_string()))?
                     {
-                        offered |= m == sasl::SCRAM_SHA_256;
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !offered {
-                        return Err(Error::ServerProtocol(
-                            "server offered no SASL mechanism pgmux supports".into(),
-                        ));
-                    }
-                    let client =
-                        ScramSha256::new(target.password.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        client.message(),
-                        &mut out,
-                    )
-                    .map_err(Error::ServerIo)?;
+                    // Over TLS, bind the exchange to the server's certificate when the
+                    // server offers it: a man in the middle then cannot relay it.
+                    let end_point = self.stream.server_end_point().filter(|_| plus);
+                    let (mechanism, binding) = match end_point {
+                        Some(data) => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
+                        None if plain => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        None => {
+                            return Err(Error::ServerProtocol(
+                                "server offered no SASL mechanism pgmux supports".into(),
+                            ))
+                        }
+                    };
+                    let client = ScramSha256::new(target.password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, client.message(), &mut out)
+                        .map_err(Error::ServerIo)?;
                     self.send(&mut out).await?;
                     scram = Some(client);
                 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod cluster;
+pub mod drivers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
