@@ -26,6 +26,7 @@ use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::routing::classify::{self, Opening};
+use crate::routing::request;
 use crate::server::Server;
 use crate::{App, ClientState, Pools};
 
@@ -772,7 +773,8 @@ impl Client {
     /// Whether the request waiting in the buffer opens a read-only transaction, and
     /// whether a replica can run it.
     fn pending_access(&self) -> Access {
-        if self.executes_nothing() {
+        let pending = self.flow.pending();
+        if request::executes_nothing(pending) {
             // Preparing, describing or closing statements writes nothing.
             return Access {
                 read_only: true,
@@ -780,32 +782,7 @@ impl Client {
                 retry: false,
             };
         }
-        let pending = self.flow.pending();
-        let text = match pending.first() {
-            Some(&tag::QUERY) | Some(&tag::PARSE) if pending.len() > 5 => {
-                let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
-                let body = usize::try_from(len)
-                    .ok()
-                    .and_then(|len| pending.get(5..len + 1))
-                    .unwrap_or_default();
-                if pending[0] == tag::QUERY {
-                    Some(body.strip_suffix(b"\0").unwrap_or(body))
-                } else {
-                    relay::parse_query_text(body)
-                }
-            }
-            // A Bind of a statement prepared earlier: its text is known to pgmux.
-            Some(&tag::BIND) if pending.len() > 5 => {
-                let statement = crate::protocol::cstr(&pending[5..])
-                    .and_then(|(_portal, rest)| crate::protocol::cstr(rest))
-                    .map(|(name, _)| name);
-                match (statement, &self.statements) {
-                    (Some(name), Some(statements)) if !name.is_empty() => statements.query_of(name),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
+        let text = request::opening_text(pending, self.statements.as_ref());
         let opening = text.map_or(Opening::Other, |t| {
             classify::opening(&String::from_utf8_lossy(t))
         });
@@ -833,7 +810,7 @@ impl Client {
                         .router
                         .as_ref()
                         .is_some_and(|r| r.settings.autocommit_selects)
-                    && self.lone_autocommit_select() =>
+                    && request::lone_autocommit_select(pending, self.statements.as_ref()) =>
             {
                 Access {
                     read_only: true,
@@ -843,83 +820,6 @@ impl Client {
             }
             Opening::BeginDefault | Opening::Other => replica(self.session_read_only()),
         }
-    }
-
-    /// Whether the buffer holds only whole Parse, Describe, Close, Flush and Sync
-    /// messages: a request that runs no statement.
-    fn executes_nothing(&self) -> bool {
-        let pending = self.flow.pending();
-        let mut at = 0;
-        while at < pending.len() {
-            let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) else {
-                return false;
-            };
-            if pending.len() < at + len
-                || !matches!(
-                    tag,
-                    tag::PARSE | tag::DESCRIBE | tag::CLOSE | tag::FLUSH | tag::SYNC
-                )
-            {
-                return false;
-            }
-            at += len;
-        }
-        at > 0
-    }
-
-    /// Whether the buffer holds exactly one autocommit statement that parses as a plain
-    /// SELECT: a Query, or an unnamed Parse (or a Bind of a statement prepared earlier)
-    /// with one Execute and a Sync at the end. Requests that create named statements are
-    /// left alone, since running them twice would be visible.
-    fn lone_autocommit_select(&self) -> bool {
-        let pending = self.flow.pending();
-        let mut at = 0;
-        let mut text: Option<&[u8]> = None;
-        let mut executes = 0;
-        let mut last = 0;
-        while at < pending.len() {
-            let Some(Ok((tag, len))) = crate::protocol::header(&pending[at..]) else {
-                return false;
-            };
-            let Some(body) = pending.get(at + 5..at + len) else {
-                return false;
-            };
-            match tag {
-                tag::QUERY if at == 0 && at + len == pending.len() => {
-                    text = Some(body.strip_suffix(b"\0").unwrap_or(body));
-                }
-                tag::PARSE if text.is_none() => {
-                    match crate::protocol::cstr(body) {
-                        Some((b"", _)) => {}
-                        _ => return false,
-                    }
-                    text = relay::parse_query_text(body);
-                }
-                tag::BIND if text.is_none() => {
-                    let statement = crate::protocol::cstr(body)
-                        .and_then(|(_portal, rest)| crate::protocol::cstr(rest))
-                        .map(|(name, _)| name);
-                    text = match (statement, &self.statements) {
-                        (Some(name), Some(s)) if !name.is_empty() => s.query_of(name),
-                        _ => None,
-                    };
-                    if text.is_none() {
-                        return false;
-                    }
-                }
-                tag::BIND | tag::DESCRIBE => {}
-                tag::EXECUTE => executes += 1,
-                tag::SYNC if at + len == pending.len() => {}
-                _ => return false,
-            }
-            last = tag;
-            at += len;
-        }
-        let whole = last == tag::QUERY || (last == tag::SYNC && executes == 1);
-        whole
-            && text.is_some_and(|t| {
-                std::str::from_utf8(t).is_ok_and(crate::routing::select::is_plain_select)
-            })
     }
 
     /// A replica refused the held request as a write: lets its server finish the answer

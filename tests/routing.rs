@@ -55,6 +55,21 @@ async fn after_own_write() {
     tokio::time::sleep(Duration::from_millis(600)).await;
 }
 
+/// A primary with a streaming replica for one test alone, with the role `app`.
+fn own_clusters() -> TestClusters {
+    tokio::task::block_in_place(|| {
+        let clusters = TestClusters::start(ClusterOptions {
+            auth: "trust",
+            with_replica: true,
+            extra_conf: vec![],
+        });
+        clusters
+            .primary
+            .psql("CREATE ROLE app LOGIN PASSWORD 'app-secret'");
+        clusters
+    })
+}
+
 fn shared_setup_general() -> &'static str {
     "default_pool_size = 3\nauth_type = \"trust\""
 }
@@ -248,17 +263,8 @@ async fn the_read_only_alias_behaves_like_a_standby() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_or_stopped_replica_leaves_rotation_and_returns() {
-    let clusters = tokio::task::block_in_place(|| {
-        let clusters = TestClusters::start(ClusterOptions {
-            auth: "trust",
-            with_replica: true,
-            extra_conf: vec![],
-        });
-        clusters
-            .primary
-            .psql("CREATE ROLE app LOGIN SUPERUSER PASSWORD 'app-secret'");
-        clusters
-    });
+    // A primary and replica of its own: this test stops and pauses the replica.
+    let clusters = own_clusters();
     let (db, mux) = setup(
         &clusters,
         "route_lag",
@@ -320,17 +326,8 @@ async fn a_lagging_or_stopped_replica_leaves_rotation_and_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_always_reads_its_own_writes() {
-    let clusters = tokio::task::block_in_place(|| {
-        let clusters = TestClusters::start(ClusterOptions {
-            auth: "trust",
-            with_replica: true,
-            extra_conf: vec![],
-        });
-        clusters
-            .primary
-            .psql("CREATE ROLE app LOGIN PASSWORD 'app-secret'");
-        clusters
-    });
+    // A primary and replica of its own: this test slows the replica's replay down.
+    let clusters = own_clusters();
     let (db, mux) = setup(
         &clusters,
         "route_ryw",

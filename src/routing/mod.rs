@@ -15,6 +15,7 @@
 
 pub mod classify;
 pub mod lag;
+pub mod request;
 pub mod select;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -319,6 +320,20 @@ struct Probe {
 }
 
 impl Probe {
+    /// A probe of `target` and the timer it runs on (every `lag_check_interval`), unless
+    /// the router is already gone.
+    fn new(router: &Weak<Router>, target: Target) -> Option<(Probe, tokio::time::Interval)> {
+        let settings = router.upgrade()?.settings.clone();
+        let mut tick = tokio::time::interval(settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let probe = Probe {
+            target,
+            server: None,
+            timeout: settings.probe_timeout(),
+        };
+        Some((probe, tick))
+    }
+
     async fn row(&mut self, sql: &str) -> Option<Vec<Option<String>>> {
         let work = async {
             if self.server.is_none() {
@@ -339,16 +354,9 @@ impl Probe {
 }
 
 async fn probe_primary(router: Weak<Router>, target: Target) {
-    let Some(settings) = router.upgrade().map(|r| r.settings.clone()) else {
+    let Some((mut probe, mut tick)) = Probe::new(&router, target) else {
         return;
     };
-    let mut probe = Probe {
-        target,
-        server: None,
-        timeout: settings.probe_timeout(),
-    };
-    let mut tick = tokio::time::interval(settings.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let sent = Instant::now();
@@ -375,16 +383,9 @@ async fn probe_primary(router: Weak<Router>, target: Target) {
 }
 
 async fn probe_replica(router: Weak<Router>, i: usize, target: Target) {
-    let Some(settings) = router.upgrade().map(|r| r.settings.clone()) else {
+    let Some((mut probe, mut tick)) = Probe::new(&router, target) else {
         return;
     };
-    let mut probe = Probe {
-        target,
-        server: None,
-        timeout: settings.probe_timeout(),
-    };
-    let mut tick = tokio::time::interval(settings.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let sent = Instant::now();
