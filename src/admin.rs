@@ -299,10 +299,10 @@ async fn run(
         "SET" => {
             let (key, value) =
                 parse_set(text).ok_or_else(|| fail("42601", "use SET key = value"))?;
-            let next = app
-                .config()
-                .with_setting(&key, &value)
-                .map_err(|e| fail("22023", e.to_string()))?;
+            let next = app.config().with_setting(&key, &value).map_err(|e| {
+                crate::metrics::config_reload(false);
+                fail("22023", e.to_string())
+            })?;
             app.apply_config(next).await.map_err(|e| fail("F0000", e))?;
             Ok(Reply::Done("SET", None))
         }
