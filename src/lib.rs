@@ -266,7 +266,7 @@ impl Shared {
                         .lag_check_user
                         .clone()
                         .or_else(|| p.config.users.keys().next().cloned())?;
-                    let unchanged = old_db == db
+                    let unchanged = same_routing(old_db, db)
                         && old_user == user
                         && p.config.users.get(&old_user)?.password == password;
                     unchanged.then(|| p.routers.get(name).cloned()).flatten()
@@ -345,6 +345,22 @@ impl Shared {
     pub fn credentials(&self, user: &str) -> Option<&Credentials> {
         self.users.get(user)
     }
+}
+
+/// Whether a database's router (its probes and their targets) can stay as it is. Pool
+/// sizes, modes and the alias name do not matter to it: changing those keeps the pools.
+fn same_routing(a: &config::Database, b: &config::Database) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.dbname == b.dbname
+        && a.replicas == b.replicas
+        && a.max_replica_lag == b.max_replica_lag
+        && a.max_replica_lag_bytes == b.max_replica_lag_bytes
+        && a.lag_check_interval == b.lag_check_interval
+        && a.read_your_writes == b.read_your_writes
+        && a.replica_fallback == b.replica_fallback
+        && a.route_autocommit_selects == b.route_autocommit_selects
+        && a.lag_check_user == b.lag_check_user
 }
 
 /// What a successful reload changed, for the console and the log.

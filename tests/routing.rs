@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, ClusterOptions, TestClusters};
@@ -561,4 +562,35 @@ async fn pgjdbc_pipelined_begin_read_only_runs_on_the_replica() {
     let out = drivers::run_child(cmd, Duration::from_secs(120)).await;
     out.assert_clean("pgjdbc");
     assert_eq!(placements(&out), (10, 10), "{}", out.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resizes_routed_pools_in_place_and_restarts_probes_when_routing_changes() {
+    let clusters = cluster::shared();
+    let (db, mux) = setup(clusters, "route_reload", shared_setup_general(), "").await;
+    let client = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+    let router = mux.app.router(&db).unwrap();
+
+    let mut config = (*mux.app.config()).clone();
+    config.databases.get_mut(&db).unwrap().pool_size = Some(2);
+    mux.app.apply_config(config.clone()).await.unwrap();
+    assert!(Arc::ptr_eq(&router, &mux.app.router(&db).unwrap()));
+    assert_eq!(mux.app.pool_snapshot(&db, "app").unwrap().size, 2);
+    assert_eq!(mux.app.replica_snapshot(&db, "app", 0).unwrap().size, 2);
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+
+    // A routing setting: new probes; the connected client keeps working.
+    config.databases.get_mut(&db).unwrap().max_replica_lag = Duration::from_secs(2);
+    mux.app.apply_config(config).await.unwrap();
+    let new_router = mux.app.router(&db).unwrap();
+    assert!(!Arc::ptr_eq(&router, &new_router));
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+    let fresh = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let joined = eventually(Duration::from_secs(20), || {
+        new_router.view(0, Instant::now()).eligible
+    })
+    .await;
+    assert!(joined);
+    assert!(runs_on_replica(&fresh, "BEGIN READ ONLY").await);
 }
