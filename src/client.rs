@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, field, info_span, warn, Instrument};
 
 use crate::tls::{self, ClientStream, ClientTlsMode};
 
@@ -28,7 +28,7 @@ use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::routing::classify::{self, Opening};
 use crate::routing::request;
 use crate::server::Server;
-use crate::{App, Pools};
+use crate::{App, ClientState, Pools};
 
 /// Read buffer a client takes when it sends a request; it is given back once the
 /// transaction ends and the buffer is empty, so idle clients hold none.
@@ -36,9 +36,10 @@ const IDLE_BUFFER: usize = 4 * 1024;
 
 /// Entry point for an accepted connection.
 pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
-    let span = info_span!("client", client.addr = %addr);
+    // db and user are filled in once the startup packet names them.
+    let span = info_span!("client", client.addr = %addr, db = field::Empty, user = field::Empty);
     async move {
-        match serve(&app, stream).await {
+        match serve(&app, stream, addr).await {
             Ok(()) => debug!("client disconnected"),
             Err(Error::ClientIo(e)) => debug!(error = %e, "client connection lost"),
             Err(e) => {
@@ -47,6 +48,8 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
                     Error::Auth { .. }
                     | Error::ClientProtocol(_)
                     | Error::UnknownDatabase(_)
+                    | Error::ConsoleDenied(_)
+                    | Error::Killed
                     | Error::Shutdown => {
                         debug!(error = %e, "client refused")
                     }
@@ -61,16 +64,26 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
 
 /// Runs the whole connection. Errors that the client should hear about have already been
 /// sent to it when this returns.
-async fn serve(app: &Arc<App>, tcp: TcpStream) -> Result<()> {
+async fn serve(app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let mut stream = ClientStream::Plain(tcp);
-    let login_timeout = app.config.pgmux.client_login_timeout;
+    let login_timeout = app.config().pgmux.client_login_timeout;
     // Boxed, here and on the other slow paths below: a client task is as large as its
     // largest state, and an idle client should not carry the space that login, a
     // server connect or a cleanup needs.
-    let login = tokio::time::timeout(login_timeout, Box::pin(login(app, &mut stream))).await;
+    let login = tokio::time::timeout(login_timeout, Box::pin(login(app, &mut stream, addr))).await;
     let mut client = match login {
-        Ok(Ok(Some(session))) => Client {
+        Ok(Ok(Some(Login::Console(console)))) => {
+            let result =
+                crate::admin::serve(app, &mut stream, console.role, &console.registration.info)
+                    .await;
+            if let Err(e) = &result {
+                tell(&mut stream, e).await;
+            }
+            return result;
+        }
+        Ok(Ok(Some(Login::Pooled(session)))) => Client {
+            registration: session.registration,
             statements: prepared_statements(&session.pools.primary, session.mode),
             stream,
             flow: Flow::default(),
@@ -150,6 +163,8 @@ async fn send(stream: &mut ClientStream, buf: &[u8]) -> Result<()> {
 
 /// A logged-in client.
 struct Client {
+    /// Its entry in SHOW CLIENTS, with the token KILL cancels.
+    registration: crate::Registration,
     stream: ClientStream,
     flow: Flow,
     pool: Arc<Pool>,
@@ -205,8 +220,23 @@ struct Access {
 /// Largest Query or Parse held back whole so its statement can be classified.
 const CLASSIFY_MAX: usize = 64 * 1024;
 
+/// What a login leads to.
+enum Login {
+    Pooled(Session),
+    Console(Console),
+}
+
+/// A session of the admin console.
+struct Console {
+    role: crate::admin::Role,
+    registration: crate::Registration,
+    _cancel: SlotGuard,
+    _admission: crate::Admission,
+}
+
 /// What login establishes for the session.
 struct Session {
+    registration: crate::Registration,
     pools: Arc<Pools>,
     alias: bool,
     mode: PoolMode,
@@ -216,13 +246,33 @@ struct Session {
     admission: crate::Admission,
 }
 
+/// What the authentication exchange may bind to: the TLS channel (for
+/// SCRAM-SHA-256-PLUS) and the client's certificate.
+fn transport(app: &App, stream: &ClientStream) -> crate::auth::Transport {
+    crate::auth::Transport {
+        end_point: match (&app.tls, stream.is_tls()) {
+            (Some(tls), true) => Some(Arc::clone(&tls.end_point)),
+            _ => None,
+        },
+        peer_cert: stream.peer_certificate(),
+    }
+}
+
 /// Negotiation and authentication. Returns `None` for a connection that only came to
 /// cancel a query.
-async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Session>> {
+async fn login(
+    app: &Arc<App>,
+    stream: &mut ClientStream,
+    addr: SocketAddr,
+) -> Result<Option<Login>> {
     let Some(startup) = negotiate(app, stream).await? else {
         return Ok(None);
     };
-    let admission = app.admit().ok_or(Error::TooManyClients)?;
+    // One configuration for the whole login, even if a reload lands meanwhile.
+    let shared = app.shared();
+    let admission = app
+        .admit(shared.config.pgmux.max_client_conn)
+        .ok_or(Error::TooManyClients)?;
 
     let mut out = BytesMut::new();
     if startup.minor_version != 0 || !startup.protocol_options.is_empty() {
@@ -244,8 +294,45 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
         .ok_or_else(|| Error::ClientProtocol("no PostgreSQL user name specified".into()))?
         .to_string();
     let requested = startup.get("database").unwrap_or(&user).to_string();
-    let (database, alias) = app.resolve_database(&requested);
-    let database = database.to_string();
+    let span = tracing::Span::current();
+    span.record("db", requested.as_str());
+    span.record("user", user.as_str());
+    let application_name = startup.get("application_name").unwrap_or("").to_string();
+    if requested == crate::ADMIN_DATABASE {
+        let creds = shared.credentials(&user);
+        let transport = transport(app, stream);
+        let auth_type = shared.config.pgmux.auth_type;
+        crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
+        let g = &shared.config.pgmux;
+        let role = if g.admin_users.contains(&user) {
+            crate::admin::Role::Admin
+        } else if g.stats_users.contains(&user) {
+            crate::admin::Role::Stats
+        } else {
+            return Err(Error::ConsoleDenied(user));
+        };
+        let cancel = app.cancels.register();
+        backend::authentication_ok(&mut out);
+        for (name, value) in crate::admin::greeting() {
+            backend::parameter_status(&mut out, name, &value);
+        }
+        if !application_name.is_empty() {
+            backend::parameter_status(&mut out, "application_name", &application_name);
+        }
+        backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
+        backend::ready_for_query(&mut out, b'I');
+        send(stream, &out).await?;
+        debug!(role = ?role, "console session opened");
+        let registration =
+            app.register(addr, crate::ADMIN_DATABASE, &user, &application_name, true);
+        return Ok(Some(Login::Console(Console {
+            role,
+            registration,
+            _cancel: cancel,
+            _admission: admission,
+        })));
+    }
+    let (database, alias) = shared.resolve_database(&requested);
     let mut params = startup_params(&startup)?;
     if alias {
         // Clients of the read-only name get the session a standby would give them.
@@ -255,18 +342,12 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
         );
     }
 
-    let creds = app.users.get(&user);
-    let transport = crate::auth::Transport {
-        end_point: match (&app.tls, stream.is_tls()) {
-            (Some(tls), true) => Some(Arc::clone(&tls.end_point)),
-            _ => None,
-        },
-        peer_cert: stream.peer_certificate(),
-    };
-    let auth_type = app.config.pgmux.auth_type;
+    let creds = shared.credentials(&user);
+    let transport = transport(app, stream);
+    let auth_type = shared.config.pgmux.auth_type;
     crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
 
-    let pools = app.pool(&database, &user)?;
+    let pools = app.pool(&shared, &database, &user)?;
     let reported = pools.primary.reported_params().await?;
     let mut reported = Arc::new(greeting_params(&reported, &startup));
     if alias {
@@ -291,7 +372,9 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
     pools.primary.client_connected();
     let mode = pools.primary.settings().mode;
     let (params, reported) = pools.primary.shared_session(params, reported);
-    Ok(Some(Session {
+    let registration = app.register(addr, &database, &user, &application_name, false);
+    Ok(Some(Login::Pooled(Session {
+        registration,
         pools,
         alias,
         mode,
@@ -299,7 +382,7 @@ async fn login(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<Sessi
         reported,
         cancel,
         admission,
-    }))
+    })))
 }
 
 /// Reads packets until a StartupMessage (or a CancelRequest, handled here). Runs the
@@ -477,14 +560,15 @@ fn greeting_params(server: &[(String, String)], startup: &StartupMessage) -> Vec
 }
 
 impl Client {
-    fn limits<'a>(&self, app: &'a App, pool: &'a Pool) -> Limits<'a> {
-        let g = &app.config.pgmux;
+    fn limits<'a>(&self, config: &crate::config::Config, pool: &'a Pool) -> Limits<'a> {
+        let g = &config.pgmux;
         Limits {
             max_message_size: g.max_message_size,
             stop_at_boundary: self.mode == PoolMode::Transaction,
             idle_transaction_timeout: g.idle_transaction_timeout,
             query_timeout: g.query_timeout,
             metrics: &pool.metrics,
+            stats: &pool.stats,
             hold_for_retry: false,
         }
     }
@@ -507,26 +591,43 @@ impl Client {
     /// Serves the request waiting in the buffer, up to the end of its transaction (or,
     /// in session mode, of the session). Returns `false` when the client has left.
     async fn transaction(&mut self, app: &Arc<App>) -> Result<bool> {
-        let choice = self.choose(app).await?;
+        // Read once per transaction: a reload's timeouts apply from the next one.
+        let config = app.config();
+        let kill = self.registration.info.kill.clone();
+        let choice = self.choose(&config).await?;
         let pool = choice.pool;
         let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
+        self.registration.info.set_state(ClientState::Waiting, 0);
         let mut server = self.attach(&pool).await?;
-        let mut limits = self.limits(app, &pool);
+        self.registration
+            .info
+            .set_state(ClientState::Active, server.id);
+        let mut limits = self.limits(&config, &pool);
         limits.hold_for_retry = choice.retry;
-        let end = relay::run(
-            ClientEnd {
-                stream: &mut self.stream,
-                flow: &mut self.flow,
-                params: &mut self.params,
-                reported: &mut self.reported,
-                prepared: self.statements.as_mut(),
-            },
-            &mut server,
-            &mut self.tracker,
-            &limits,
-            &mut CancelOnTimeout,
-        )
-        .await;
+        let mut hooks = CancelOnTimeout;
+        let relayed = tokio::select! {
+            end = relay::run(
+                ClientEnd {
+                    stream: &mut self.stream,
+                    flow: &mut self.flow,
+                    params: &mut self.params,
+                    reported: &mut self.reported,
+                    prepared: self.statements.as_mut(),
+                },
+                &mut server,
+                &mut self.tracker,
+                &limits,
+                &mut hooks,
+            ) => Some(end),
+            _ = kill.cancelled() => None,
+        };
+        self.registration.info.set_state(ClientState::Idle, 0);
+        let Some(end) = relayed else {
+            // Killed mid-transaction: the server's state is unknown, so it goes.
+            self.cancel.slot.set_target(None);
+            pool.release(server, false);
+            return Err(Error::Killed);
+        };
         if !choice.read_only && self.pools.router.is_some() && self.tracker.wrote() {
             self.route.last_write = Some((std::time::Instant::now(), None));
         }
@@ -555,8 +656,10 @@ impl Client {
     /// Returns `false` when the client leaves. Requests that need no server (a lone
     /// Sync or Flush between transactions) are answered here.
     async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
+        // Read once per wait, not per message: a reload applies from the next request.
+        let max_message_size = app.config().pgmux.max_message_size;
         loop {
-            check_header(self.flow.pending(), app.config.pgmux.max_message_size)?;
+            check_header(self.flow.pending(), max_message_size)?;
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
@@ -625,10 +728,17 @@ impl Client {
             let read = tokio::select! {
                 read = self.stream.read_idle(&mut self.flow.buf, IDLE_BUFFER) => read,
                 _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
+                _ = self.registration.info.kill.cancelled() => return Err(Error::Killed),
             };
             match read {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.pool.metrics.bytes_received.increment(n as u64),
+                Ok(n) => {
+                    self.pool.metrics.bytes_received.increment(n as u64);
+                    self.pool
+                        .stats
+                        .received
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) => return Err(Error::ClientIo(e)),
             }
         }
@@ -772,7 +882,7 @@ impl Client {
 
     /// Chooses the server for the request waiting in the buffer: a replica for a
     /// read-only transaction when one is eligible, the primary otherwise.
-    async fn choose(&mut self, app: &Arc<App>) -> Result<Choice> {
+    async fn choose(&mut self, config: &crate::config::Config) -> Result<Choice> {
         let primary = |read_only| Choice {
             pool: Arc::clone(&self.pools.primary),
             read_only,
@@ -797,7 +907,7 @@ impl Client {
             router.count(false, None);
             return Ok(primary(access.read_only));
         }
-        let deadline = tokio::time::Instant::now() + app.config.pgmux.query_wait_timeout;
+        let deadline = tokio::time::Instant::now() + config.pgmux.query_wait_timeout;
         loop {
             let min_lsn = match &mut self.route.last_write {
                 Some((at, lsn)) if router.settings.read_your_writes => {
@@ -829,7 +939,7 @@ impl Client {
             }
             if tokio::time::Instant::now() >= deadline {
                 router.count(false, Some(fallback));
-                return Err(Error::NoReplica(app.config.pgmux.query_wait_timeout));
+                return Err(Error::NoReplica(config.pgmux.query_wait_timeout));
             }
             let poll = router
                 .settings
@@ -842,7 +952,8 @@ impl Client {
     /// Takes a server from `pool` for the client and brings its session parameters in
     /// line; sends a `BEGIN` pgmux answered earlier.
     async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Server> {
-        let mut server = pool.checkout().await?;
+        let kill = self.registration.info.kill.clone();
+        let mut server = pool.checkout_unless(&kill).await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });
             pool.release(server, clean);

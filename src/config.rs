@@ -116,6 +116,12 @@ pub struct General {
     /// Time given to clients and transactions to finish after SIGTERM.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Users (from `[users]`) that may run every console command.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users (from `[users]`) that may run the console's SHOW commands only.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
     /// TLS towards clients; see [`crate::tls`].
     #[serde(default)]
     pub client_tls_mode: ClientTlsMode,
@@ -143,7 +149,7 @@ pub struct General {
 }
 
 /// A `[users.NAME]` table: the credentials clients present, also used towards the server.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub password: String,
@@ -162,7 +168,7 @@ impl fmt::Debug for User {
 }
 
 /// A `[databases.NAME]` table: where the database clients name really lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
     #[serde(default = "defaults::host")]
@@ -251,6 +257,28 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+/// A TOML error as a line number and the message, without the quoted source line that
+/// `toml` adds: that line may hold a password, and this text goes to logs and the console.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            // The key is safe to show, and says what is wrong better than a number.
+            let source = text.lines().nth(line - 1).unwrap_or("");
+            let key = source
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.contains(['"', '\'']));
+            match key {
+                Some(key) => format!("line {line} (`{key}`): {}", e.message().trim_end()),
+                None => format!("line {line}: {}", e.message().trim_end()),
+            }
+        }
+        None => e.message().trim_end().to_string(),
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -263,7 +291,8 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(describe(&e, text)))?;
         config.validate()?;
         Ok(config)
     }
@@ -355,6 +384,17 @@ impl Config {
                 ));
             }
         }
+        for (key, names) in [
+            ("pgmux.admin_users", &g.admin_users),
+            ("pgmux.stats_users", &g.stats_users),
+        ] {
+            if let Some(name) = names.iter().find(|n| !self.users.contains_key(*n)) {
+                return Err(ConfigError::Invalid {
+                    key: key.to_string(),
+                    reason: format!("\"{name}\" is not a user in [users]"),
+                });
+            }
+        }
         for (name, user) in &self.users {
             if user.pool_size == Some(0) {
                 return Err(invalid(
@@ -370,6 +410,127 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// A copy with one `[pgmux]` setting changed, as the console's `SET` asks, checked
+    /// like a loaded file. Only settings that can change while running are accepted.
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<Config, ConfigError> {
+        let mut next = self.clone();
+        let value = value.trim().trim_matches('\'');
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: format!("pgmux.{key}"),
+            reason,
+        };
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| invalid(format!("`{value}` is not a whole number")))
+        };
+        let duration = || {
+            if value == "0" {
+                return Ok(Duration::ZERO);
+            }
+            humantime::parse_duration(value)
+                .map_err(|e| invalid(format!("`{value}` is not a duration ({e})")))
+        };
+        let g = &mut next.pgmux;
+        match key {
+            "default_pool_size" => g.default_pool_size = number()?,
+            "min_pool_size" => g.min_pool_size = number()?,
+            "max_db_connections" => g.max_db_connections = number()?,
+            "max_client_conn" => g.max_client_conn = number()?,
+            "max_message_size" => g.max_message_size = number()?,
+            "query_wait_timeout" => g.query_wait_timeout = duration()?,
+            "client_login_timeout" => g.client_login_timeout = duration()?,
+            "idle_transaction_timeout" => g.idle_transaction_timeout = duration()?,
+            "query_timeout" => g.query_timeout = duration()?,
+            "server_connect_timeout" => g.server_connect_timeout = duration()?,
+            "server_idle_timeout" => g.server_idle_timeout = duration()?,
+            "server_lifetime" => g.server_lifetime = duration()?,
+            "maintenance_interval" => g.maintenance_interval = duration()?,
+            "shutdown_timeout" => g.shutdown_timeout = duration()?,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: key.to_string(),
+                    reason: "not a setting the console can change".to_string(),
+                })
+            }
+        }
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// `[pgmux]` settings as (key, value) text, as the console shows them. Passwords live
+    /// only in `[users]` and never appear here.
+    pub fn general_settings(&self) -> Vec<(&'static str, String)> {
+        let g = &self.pgmux;
+        let d = |d: Duration| {
+            if d.is_zero() {
+                "0".to_string()
+            } else {
+                humantime::format_duration(d).to_string()
+            }
+        };
+        let mode = |m: PoolMode| match m {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        };
+        let auth = match g.auth_type {
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Md5 => "md5",
+            AuthType::Plain => "plain",
+            AuthType::Trust => "trust",
+            AuthType::Cert => "cert",
+        };
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        vec![
+            ("listen", g.listen.to_string()),
+            (
+                "metrics_listen",
+                g.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+            ),
+            ("pool_mode", mode(g.pool_mode).to_string()),
+            ("default_pool_size", g.default_pool_size.to_string()),
+            ("min_pool_size", g.min_pool_size.to_string()),
+            ("max_db_connections", g.max_db_connections.to_string()),
+            (
+                "max_prepared_statements",
+                g.max_prepared_statements.to_string(),
+            ),
+            (
+                "max_client_prepared_statements",
+                g.max_client_prepared_statements.to_string(),
+            ),
+            ("max_client_conn", g.max_client_conn.to_string()),
+            ("auth_type", auth.to_string()),
+            ("query_wait_timeout", d(g.query_wait_timeout)),
+            ("client_login_timeout", d(g.client_login_timeout)),
+            ("idle_transaction_timeout", d(g.idle_transaction_timeout)),
+            ("query_timeout", d(g.query_timeout)),
+            ("server_connect_timeout", d(g.server_connect_timeout)),
+            ("server_idle_timeout", d(g.server_idle_timeout)),
+            ("server_lifetime", d(g.server_lifetime)),
+            ("maintenance_interval", d(g.maintenance_interval)),
+            ("max_message_size", g.max_message_size.to_string()),
+            ("shutdown_timeout", d(g.shutdown_timeout)),
+            (
+                "client_tls_mode",
+                format!("{:?}", g.client_tls_mode).to_lowercase(),
+            ),
+            ("client_tls_cert", path(&g.client_tls_cert)),
+            ("client_tls_key", path(&g.client_tls_key)),
+            ("client_tls_ca", path(&g.client_tls_ca)),
+            ("server_tls_mode", g.server_tls_mode.as_str().to_string()),
+            ("server_tls_ca", path(&g.server_tls_ca)),
+            ("server_tls_cert", path(&g.server_tls_cert)),
+            ("server_tls_key", path(&g.server_tls_key)),
+            ("admin_users", g.admin_users.join(",")),
+            ("stats_users", g.stats_users.join(",")),
+        ]
     }
 
     /// The database-wide server connection limit of `db`; 0 = none.
@@ -552,6 +713,11 @@ mod tests {
         let config = Config::parse(MINIMAL).unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
+        // A syntax error on a password line names the line, not its text.
+        let broken = MINIMAL.replace("password = \"secret\"", "password = \"secret");
+        let err = Config::parse(&broken).unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
     }
 
     #[test]
@@ -575,6 +741,28 @@ mod tests {
         let bad = MINIMAL.replace("port = 5433", "port = 5433\nread_only_alias = \"appdb\"");
         let err = Config::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("read_only_alias"), "{err}");
+    }
+
+    #[test]
+    fn console_users_must_exist_and_set_validates() {
+        let text = MINIMAL.replace("[users.app]", "admin_users = [\"app\"]\n[users.app]");
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.pgmux.admin_users, vec!["app".to_string()]);
+        let bad = MINIMAL.replace("[users.app]", "stats_users = [\"ghost\"]\n[users.app]");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("pgmux.stats_users") && err.contains("ghost"),
+            "{err}"
+        );
+
+        let changed = config.with_setting("default_pool_size", "7").unwrap();
+        assert_eq!(changed.pgmux.default_pool_size, 7);
+        let changed = config.with_setting("query_timeout", "'2s'").unwrap();
+        assert_eq!(changed.pgmux.query_timeout, Duration::from_secs(2));
+        assert!(config.with_setting("default_pool_size", "0").is_err());
+        assert!(config.with_setting("listen", "1.2.3.4:5").is_err());
+        let shown = format!("{:?}", config.general_settings());
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

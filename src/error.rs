@@ -54,6 +54,12 @@ pub enum Error {
     NoReplica(Duration),
     #[error("pgmux is shutting down")]
     Shutdown,
+    /// KILL or KILL_CLIENT from the console.
+    #[error("terminated by the pgmux console")]
+    Killed,
+    /// A user outside admin_users and stats_users asked for the console.
+    #[error("user \"{0}\" is not allowed to use the pgmux console")]
+    ConsoleDenied(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,6 +83,8 @@ impl Error {
             TlsRequired(m) | CertAuth(m) => fatal("28000", m.clone()),
             UnknownDatabase(db) => fatal("3D000", format!("database \"{db}\" does not exist")),
             TooManyClients => fatal("53300", "sorry, too many clients already".to_string()),
+            Killed => fatal("57P01", self.to_string()),
+            ConsoleDenied(_) => fatal("28000", self.to_string()),
             PoolTimeout(_) | NoReplica(_) | IdleTransactionTimeout(_) | Shutdown => {
                 let code = match self {
                     PoolTimeout(_) | NoReplica(_) => "57014",
@@ -123,6 +131,8 @@ impl Error {
             ServerIo(_) => "server_io",
             ServerProtocol(_) => "server_protocol",
             Shutdown => "shutdown",
+            Killed => "killed",
+            ConsoleDenied(_) => "console_denied",
         }
     }
 }

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, args.config))
 }
 
 fn init_logging(args: &Args) {
@@ -78,7 +78,7 @@ fn init_logging(args: &Args) {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
     if let Some(addr) = config.pgmux.metrics_listen {
         if let Err(e) = pgmux::metrics::install(addr, config.pgmux.query_wait_timeout) {
             eprintln!("pgmux: cannot serve metrics on {addr}: {e}");
@@ -93,8 +93,20 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio::spawn(ignore_hangups());
-    wait_for_stop_signal().await;
+    running.app.set_config_path(&path);
+    // Installed before anything else can happen: SIGHUP's default action ends the process.
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => {
+            tokio::spawn(reload_on_hangup(hup, std::sync::Arc::clone(&running.app)));
+        }
+        Err(e) => warn!(error = %e, "cannot handle SIGHUP; reload from the console only"),
+    }
+    tokio::select! {
+        _ = wait_for_stop_signal() => {}
+        // The console's SHUTDOWN.
+        _ = running.app.shutdown.cancelled() => {}
+    }
     info!("shutting down: no new clients; running transactions may finish");
     tokio::select! {
         _ = running.shutdown(shutdown_timeout) => {}
@@ -104,15 +116,12 @@ async fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// SIGHUP would otherwise end the process. Re-reading the configuration on SIGHUP is not
-/// implemented: the running configuration stays in force and the signal is only logged.
-async fn ignore_hangups() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+/// SIGHUP re-reads the configuration file. A file that fails to load or validate is
+/// rejected as a whole (the reload logs why) and the running configuration stays.
+async fn reload_on_hangup(mut hup: tokio::signal::unix::Signal, app: std::sync::Arc<pgmux::App>) {
     while hup.recv().await.is_some() {
-        warn!("SIGHUP received: configuration reload is not implemented; nothing changed");
+        info!("SIGHUP received: reloading the configuration");
+        let _ = app.reload().await;
     }
 }
 

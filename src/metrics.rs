@@ -10,6 +10,14 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 pub const POOL_WAIT: &str = "pgmux_pool_wait_seconds";
+pub const TRANSACTION_DURATION: &str = "pgmux_transaction_duration_seconds";
+pub const QUERY_DURATION: &str = "pgmux_query_duration_seconds";
+
+/// Buckets for transaction and query durations: 100 µs to 5 minutes.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Buckets for the pool wait histogram: from 100 µs up to beyond `query_wait_timeout`,
 /// so a timed-out wait still lands in a finite bucket.
@@ -33,10 +41,27 @@ pub fn install(addr: SocketAddr, query_wait_timeout: Duration) -> Result<(), Str
             &wait_buckets(query_wait_timeout),
         )
         .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full(TRANSACTION_DURATION.to_string()),
+            DURATION_BUCKETS,
+        )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), DURATION_BUCKETS)
+        .map_err(|e| e.to_string())?
         .install()
         .map_err(|e| e.to_string())?;
     gauge!("pgmux_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Both series exist from the start, so a dashboard sees 0 rather than nothing.
+    for result in ["success", "failure"] {
+        counter!("pgmux_config_reloads_total", "result" => result).absolute(0);
+    }
     Ok(())
+}
+
+/// Counts a configuration reload (`pgmux_config_reloads_total{result}`).
+pub fn config_reload(ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    counter!("pgmux_config_reloads_total", "result" => result).increment(1);
 }
 
 /// Handles for one pool's series, labelled `database` and `user`.
@@ -47,7 +72,12 @@ pub struct PoolMetrics {
     pub servers_active: Gauge,
     pub servers_idle: Gauge,
     pub servers_total: Gauge,
+    pub servers_connecting: Gauge,
     pub oldest_wait: Gauge,
+    pub transaction_duration: Histogram,
+    pub query_duration: Histogram,
+    /// Server connections that failed: could not be opened, or broke while in use.
+    pub server_errors: Counter,
     pub transactions: Counter,
     pub queries: Counter,
     pub bytes_received: Counter,
@@ -79,6 +109,10 @@ impl PoolMetrics {
             servers_active: gauge!("pgmux_pool_servers_active", &labels),
             servers_idle: gauge!("pgmux_pool_servers_idle", &labels),
             servers_total: gauge!("pgmux_pool_servers", &labels),
+            servers_connecting: gauge!("pgmux_pool_servers_connecting", &labels),
+            transaction_duration: histogram!(TRANSACTION_DURATION, &labels),
+            query_duration: histogram!(QUERY_DURATION, &labels),
+            server_errors: counter!("pgmux_server_errors_total", &labels),
             oldest_wait: gauge!("pgmux_pool_oldest_wait_seconds", &labels),
             transactions: counter!("pgmux_transactions_total", &labels),
             queries: counter!("pgmux_queries_total", &labels),

@@ -6,12 +6,13 @@
 //! recently used one is handed out first, which leaves the rest idle long enough for
 //! `server_idle_timeout` to retire them when load drops.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PoolSettings;
@@ -25,11 +26,141 @@ pub type Reported = Arc<Vec<(String, String)>>;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How often the console's `avg_*` figures are recomputed, as in PgBouncer.
+pub const STATS_PERIOD: Duration = Duration::from_secs(15);
+
+/// Totals of one pool since it was created, in plain atomics: the relay bumps them per
+/// ReadyForQuery, and the console reads them without going through the metrics crate.
+#[derive(Default)]
+pub struct PoolStats {
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub transaction_us: AtomicU64,
+    pub query_us: AtomicU64,
+    pub wait_us: AtomicU64,
+    /// Checkouts, the number of waits `wait_us` adds up.
+    pub waits: AtomicU64,
+    period: Mutex<Period>,
+}
+
+/// Plain copies of [`PoolStats`] totals.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub transactions: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub transaction_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+    pub waits: u64,
+}
+
+/// Rates and mean durations over the last complete stats period.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Averages {
+    pub transactions_per_s: u64,
+    pub queries_per_s: u64,
+    pub received_per_s: u64,
+    pub sent_per_s: u64,
+    pub transaction_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+}
+
+#[derive(Default)]
+struct Period {
+    start: Option<(Instant, Totals)>,
+    last: Averages,
+}
+
+impl PoolStats {
+    pub fn totals(&self) -> Totals {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            transactions: l(&self.transactions),
+            queries: l(&self.queries),
+            received: l(&self.received),
+            sent: l(&self.sent),
+            transaction_us: l(&self.transaction_us),
+            query_us: l(&self.query_us),
+            wait_us: l(&self.wait_us),
+            waits: l(&self.waits),
+        }
+    }
+
+    pub fn averages(&self) -> Averages {
+        self.period.lock().unwrap_or_else(|e| e.into_inner()).last
+    }
+
+    /// Closes the stats period once it has lasted [`STATS_PERIOD`]; run by upkeep.
+    fn roll_period(&self) {
+        let now = Instant::now();
+        let totals = self.totals();
+        let mut p = self.period.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((start, before)) = p.start else {
+            p.start = Some((now, totals));
+            return;
+        };
+        let secs = now.duration_since(start).as_secs_f64();
+        if secs < STATS_PERIOD.as_secs_f64() {
+            return;
+        }
+        let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs) as u64;
+        let mean = |sum: u64, sum0: u64, n: u64, n0: u64| {
+            sum.saturating_sub(sum0)
+                .checked_div(n.saturating_sub(n0))
+                .unwrap_or(0)
+        };
+        p.last = Averages {
+            transactions_per_s: rate(totals.transactions, before.transactions),
+            queries_per_s: rate(totals.queries, before.queries),
+            received_per_s: rate(totals.received, before.received),
+            sent_per_s: rate(totals.sent, before.sent),
+            transaction_us: mean(
+                totals.transaction_us,
+                before.transaction_us,
+                totals.transactions,
+                before.transactions,
+            ),
+            query_us: mean(
+                totals.query_us,
+                before.query_us,
+                totals.queries,
+                before.queries,
+            ),
+            wait_us: mean(totals.wait_us, before.wait_us, totals.waits, before.waits),
+        };
+        p.start = Some((now, totals));
+    }
+}
+
+/// What the console shows about one server connection.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub pid: i32,
+    pub connected_at: SystemTime,
+    /// When it last changed between idle and in use.
+    pub since: SystemTime,
+    pub active: bool,
+    /// Servers opened before the latest RECONNECT or target change are closed when
+    /// released.
+    generation: u64,
+}
+
 /// A pool of servers for one (database, user).
 pub struct Pool {
     pub database: String,
     pub user: String,
-    target: Target,
+    /// Where servers are opened; a reload may change it, which retires older servers.
+    target: Mutex<Target>,
+    /// Bumped by RECONNECT and by target changes: servers of an older generation are
+    /// closed instead of being reused.
+    generation: AtomicU64,
+    pub replica: Option<String>,
     state: Mutex<State>,
     /// Shared by every pool of the same database: `max_db_connections`.
     limit: Arc<DbLimit>,
@@ -37,6 +168,9 @@ pub struct Pool {
     /// back only by the database-wide limit. Read by the other pools of the database.
     starved: AtomicUsize,
     pub metrics: PoolMetrics,
+    pub stats: PoolStats,
+    /// Tells clients queued behind a PAUSE that it is over.
+    resumed: tokio::sync::Notify,
     /// The distinct prepared statements of this pool's clients.
     pub statements: Arc<crate::prepared::Registry>,
     /// ParameterStatus values of the first server that logged in: what new clients are
@@ -56,6 +190,14 @@ struct State {
     open: usize,
     /// Connected clients using this pool.
     clients: usize,
+    /// Servers being opened (counted in `open` too).
+    connecting: usize,
+    /// PAUSE in force: no server is handed out until RESUME.
+    paused: bool,
+    /// Since when each client held back by PAUSE has waited.
+    held: Vec<Instant>,
+    /// Every server that exists, idle or attached.
+    servers: BTreeMap<u64, ServerInfo>,
 }
 
 struct Waiter {
@@ -78,7 +220,9 @@ impl Pool {
         let pool = Arc::new(Pool {
             database: database.to_string(),
             user: user.to_string(),
-            target,
+            target: Mutex::new(target),
+            generation: AtomicU64::new(0),
+            replica: replica.map(str::to_string),
             limit: Arc::clone(&limit),
             starved: AtomicUsize::new(0),
             state: Mutex::new(State {
@@ -87,8 +231,14 @@ impl Pool {
                 waiters: VecDeque::new(),
                 open: 0,
                 clients: 0,
+                connecting: 0,
+                paused: false,
+                held: Vec::new(),
+                servers: BTreeMap::new(),
             }),
             metrics: PoolMetrics::new(database, user, replica),
+            stats: PoolStats::default(),
+            resumed: tokio::sync::Notify::new(),
             statements,
             reported: Mutex::new(None),
             last_session: Mutex::new(None),
@@ -104,17 +254,31 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The database-wide budget this pool counts against.
+    pub fn limit(&self) -> &Arc<DbLimit> {
+        &self.limit
+    }
+
     pub fn settings(&self) -> PoolSettings {
         self.lock().settings.clone()
     }
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
     pub async fn checkout(self: &Arc<Self>) -> Result<Server> {
+        self.checkout_unless(&CancellationToken::new()).await
+    }
+
+    /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` fires
+    /// while the client waits (for a server, or for the end of a PAUSE). Opening a
+    /// server is not interrupted: dropping that halfway would lose its slot.
+    pub async fn checkout_unless(self: &Arc<Self>, cancel: &CancellationToken) -> Result<Server> {
         let start = Instant::now();
         loop {
             let next = {
                 let mut st = self.lock();
-                if let Some(server) = st.idle.pop() {
+                if st.paused {
+                    Next::Paused(st.settings.query_wait_timeout)
+                } else if let Some(server) = st.idle.pop() {
                     Next::Idle(server)
                 } else if self.reserve(&mut st) {
                     Next::Open
@@ -139,18 +303,52 @@ impl Pool {
                         return Err(e);
                     }
                 },
+                Next::Paused(timeout) => {
+                    let resumed = self.resumed.notified();
+                    tokio::pin!(resumed);
+                    resumed.as_mut().enable();
+                    let _held = {
+                        let mut st = self.lock();
+                        if !st.paused {
+                            continue;
+                        }
+                        st.held.push(start);
+                        self.refresh_gauges(&st);
+                        Held {
+                            pool: self,
+                            since: start,
+                        }
+                    };
+                    let remaining = timeout.saturating_sub(start.elapsed());
+                    tokio::select! {
+                        r = tokio::time::timeout(remaining, resumed) => {
+                            if r.is_err() {
+                                self.metrics.wait.record(start.elapsed().as_secs_f64());
+                                return Err(Error::PoolTimeout(timeout));
+                            }
+                        }
+                        _ = cancel.cancelled() => return Err(Error::Killed),
+                    }
+                    continue;
+                }
                 Next::Wait(rx, timeout, starved) => {
                     if starved {
                         // The database as a whole is at max_db_connections: an idle
                         // server of another user's pool can make room.
                         self.limit.evict_idle_elsewhere(self);
                     }
-                    self.wait(rx, start, timeout).await?
+                    self.wait(rx, start, timeout, cancel).await?
                 }
             };
             if let Some(server) = self.usable(server) {
-                self.metrics.wait.record(start.elapsed().as_secs_f64());
-                let st = self.lock();
+                let waited = start.elapsed();
+                self.metrics.wait.record(waited.as_secs_f64());
+                self.stats
+                    .wait_us
+                    .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+                self.stats.waits.fetch_add(1, Ordering::Relaxed);
+                let mut st = self.lock();
+                mark(&mut st, server.id, true);
                 self.refresh_gauges(&st);
                 return Ok(server);
             }
@@ -158,13 +356,25 @@ impl Pool {
     }
 
     async fn wait(
-        &self,
+        self: &Arc<Self>,
         mut rx: oneshot::Receiver<Result<Server>>,
         start: Instant,
         timeout: Duration,
+        cancel: &CancellationToken,
     ) -> Result<Server> {
         let remaining = timeout.saturating_sub(start.elapsed());
-        match tokio::time::timeout(remaining, &mut rx).await {
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(remaining, &mut rx) => waited,
+            _ = cancel.cancelled() => {
+                rx.close();
+                // A server handed over at the same moment goes back to the pool.
+                if let Ok(Ok(server)) = rx.try_recv() {
+                    self.release(server, true);
+                }
+                return Err(Error::Killed);
+            }
+        };
+        match waited {
             Ok(Ok(result)) => result,
             // The pool dropped the waiter; only happens if the pool itself went away.
             Ok(Err(_)) => Err(Error::PoolTimeout(timeout)),
@@ -197,8 +407,39 @@ impl Pool {
 
     async fn open_server(&self) -> Result<Server> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
-        let timeout = self.lock().settings.server_connect_timeout;
-        match Server::connect(&self.target, id, timeout).await {
+        let generation = self.generation.load(Ordering::Acquire);
+        let target = self
+            .target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let timeout = {
+            let mut st = self.lock();
+            st.connecting += 1;
+            self.refresh_gauges(&st);
+            st.settings.server_connect_timeout
+        };
+        let result = Server::connect(&target, id, timeout).await;
+        {
+            let mut st = self.lock();
+            st.connecting -= 1;
+            if let Ok(server) = &result {
+                let now = SystemTime::now();
+                st.servers.insert(
+                    id,
+                    ServerInfo {
+                        id,
+                        pid: server.cancel_key.process_id,
+                        connected_at: now,
+                        since: now,
+                        active: true,
+                        generation,
+                    },
+                );
+            }
+            self.refresh_gauges(&st);
+        }
+        match result {
             Ok(server) => {
                 debug!(
                     server.id = id,
@@ -220,6 +461,7 @@ impl Pool {
                     "could not open a server connection"
                 );
                 crate::metrics::error(e.kind());
+                self.metrics.server_errors.increment(1);
                 Err(e)
             }
         }
@@ -257,11 +499,20 @@ impl Pool {
         let mut st = self.lock();
         let expired = !st.settings.server_lifetime.is_zero()
             && server.created.elapsed() >= st.settings.server_lifetime;
+        let retired = st
+            .servers
+            .get(&server.id)
+            .is_some_and(|s| s.generation < self.generation.load(Ordering::Acquire));
+        if server.broken {
+            self.metrics.server_errors.increment(1);
+        }
         if !clean
+            || retired
             || server.broken
             || !server.flow.is_empty()
             || expired
             || st.open > st.settings.size
+            || self.limit.over()
             || (st.waiters.is_empty() && self.limit.others_starved(self))
         {
             drop(st);
@@ -269,9 +520,17 @@ impl Pool {
             return;
         }
         server.last_used = Instant::now();
+        mark(&mut st, server.id, false);
+        if st.paused {
+            st.idle.push(server);
+            self.refresh_gauges(&st);
+            return;
+        }
         while let Some(waiter) = st.waiters.pop_front() {
+            let id = server.id;
             match waiter.tx.send(Ok(server)) {
                 Ok(()) => {
+                    mark(&mut st, id, true);
                     self.refresh_gauges(&st);
                     return;
                 }
@@ -293,8 +552,10 @@ impl Pool {
                 .server_statements
                 .fetch_sub(statements.len() as i64, Ordering::Relaxed);
         }
+        let id = server.id;
         drop(server);
         let mut st = self.lock();
+        st.servers.remove(&id);
         self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
         self.refresh_gauges(&st);
@@ -307,7 +568,7 @@ impl Pool {
         while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
             st.waiters.pop_front();
         }
-        if st.waiters.is_empty() || !self.reserve(st) {
+        if st.paused || st.waiters.is_empty() || !self.reserve(st) {
             return;
         }
         let pool = Arc::clone(self);
@@ -392,9 +653,10 @@ impl Pool {
         let m = &self.metrics;
         // Counts waiters that gave up since the last upkeep too; exact counts would
         // cost a scan of the queue on every checkout and release.
-        let waiting = st.waiters.len();
+        let queued = st.waiters.len();
+        let waiting = queued + st.held.len();
         let starved = if st.open < st.settings.size {
-            waiting
+            queued
         } else {
             0
         };
@@ -403,7 +665,9 @@ impl Pool {
         m.clients_waiting.set(waiting as f64);
         m.servers_idle.set(st.idle.len() as f64);
         m.servers_total.set(st.open as f64);
-        m.servers_active.set((st.open - st.idle.len()) as f64);
+        m.servers_connecting.set(st.connecting as f64);
+        m.servers_active
+            .set((st.open - st.idle.len() - st.connecting) as f64);
     }
 
     /// Current counts, for tests and the admin console.
@@ -412,14 +676,106 @@ impl Pool {
         PoolSnapshot {
             open: st.open,
             idle: st.idle.len(),
-            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            connecting: st.connecting,
+            paused: st.paused,
+            size: st.settings.size,
+            mode: st.settings.mode,
+            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count() + st.held.len(),
             clients: st.clients,
-            oldest_wait: st
-                .waiters
-                .iter()
-                .find(|w| !w.tx.is_closed())
-                .map(|w| w.since.elapsed()),
+            oldest_wait: oldest_wait(&st),
         }
+    }
+
+    /// Applies reloaded settings. A smaller pool closes idle servers above the new size
+    /// now and busy ones as they are released; a bigger one serves waiting clients at
+    /// once.
+    pub fn update_settings(self: &Arc<Self>, settings: PoolSettings) {
+        let surplus = {
+            let mut st = self.lock();
+            if st.settings == settings {
+                return;
+            }
+            st.settings = settings;
+            let mut surplus = Vec::new();
+            while st.open - surplus.len() > st.settings.size && !st.idle.is_empty() {
+                surplus.push(st.idle.remove(0));
+            }
+            for _ in 0..st.waiters.len() {
+                if st.open - surplus.len() >= st.settings.size {
+                    break;
+                }
+                self.refill_for_waiters(&mut st);
+            }
+            self.refresh_gauges(&st);
+            surplus
+        };
+        for server in surplus {
+            self.close(server);
+        }
+    }
+
+    /// Points the pool at another server (a reload changed host, port, database name or
+    /// password): servers already open are closed once idle, new ones go to `target`.
+    pub fn set_target(self: &Arc<Self>, target: Target) {
+        let mut current = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == target {
+            return;
+        }
+        *current = target;
+        drop(current);
+        self.reconnect();
+    }
+
+    /// Retires every server open now: idle ones at once, busy ones when released.
+    pub fn reconnect(self: &Arc<Self>) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.close_idle();
+    }
+
+    /// Closes every idle server.
+    pub fn close_idle(self: &Arc<Self>) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        for server in idle {
+            self.close(server);
+        }
+    }
+
+    /// Stops handing out servers; clients asking for one wait until [`Pool::resume`].
+    pub fn pause(&self) {
+        let mut st = self.lock();
+        st.paused = true;
+    }
+
+    /// Ends a PAUSE: queued clients get idle servers, or new ones where there is room.
+    pub fn resume(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.paused = false;
+        while !st.waiters.is_empty() {
+            let Some(server) = st.idle.pop() else { break };
+            drop(st);
+            self.release(server, true);
+            st = self.lock();
+        }
+        for _ in 0..st.waiters.len() {
+            self.refill_for_waiters(&mut st);
+        }
+        self.refresh_gauges(&st);
+        drop(st);
+        self.resumed.notify_waiters();
+    }
+
+    /// The pool's servers, for SHOW SERVERS.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        self.lock().servers.values().cloned().collect()
+    }
+
+    /// Where the pool opens servers: "host:port".
+    pub fn target_addr(&self) -> (String, u16) {
+        let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        (t.host.clone(), t.port)
     }
 
     /// One round of upkeep: retire idle or aged servers, keep `min_size` open.
@@ -427,16 +783,24 @@ impl Pool {
         let (retired, missing) = {
             let mut st = self.lock();
             let s = st.settings.clone();
+            let generation = self.generation.load(Ordering::Acquire);
             let mut retired = Vec::new();
             let mut i = 0;
             while i < st.idle.len() {
                 let server = &st.idle[i];
+                let stale = st
+                    .servers
+                    .get(&server.id)
+                    .is_some_and(|m| m.generation < generation);
                 let idle_too_long = !s.server_idle_timeout.is_zero()
                     && server.last_used.elapsed() >= s.server_idle_timeout
                     && st.open - retired.len() > s.min_size;
                 let too_old =
                     !s.server_lifetime.is_zero() && server.created.elapsed() >= s.server_lifetime;
-                if idle_too_long || too_old || st.open - retired.len() > s.size {
+                let over_db = self.limit.max() != 0
+                    && self.limit.open().saturating_sub(retired.len()) > self.limit.max();
+                if stale || idle_too_long || too_old || over_db || st.open - retired.len() > s.size
+                {
                     retired.push(st.idle.remove(i));
                 } else {
                     i += 1;
@@ -444,13 +808,13 @@ impl Pool {
             }
             self.metrics.record_prepared(&self.statements.stats);
             st.waiters.retain(|w| !w.tx.is_closed());
-            let oldest = st.waiters.front();
+            self.stats.roll_period();
             self.metrics
                 .oldest_wait
-                .set(oldest.map_or(0.0, |w| w.since.elapsed().as_secs_f64()));
+                .set(oldest_wait(&st).map_or(0.0, |w| w.as_secs_f64()));
             let after = st.open - retired.len();
             let mut missing = 0;
-            while after + missing < s.min_size && self.reserve(&mut st) {
+            while !st.paused && after + missing < s.min_size && self.reserve(&mut st) {
                 missing += 1;
             }
             (retired, missing)
@@ -493,6 +857,8 @@ impl Pool {
 enum Next {
     Idle(Server),
     Open,
+    /// PAUSE is in force; wait for RESUME (within query_wait_timeout).
+    Paused(Duration),
     /// The flag says the wait is caused by the database-wide limit, not the pool size.
     Wait(oneshot::Receiver<Result<Server>>, Duration, bool),
 }
@@ -500,7 +866,8 @@ enum Next {
 /// The servers open to one database across the pools of all its users, bounded by
 /// `max_db_connections` (0 = unbounded, counted all the same).
 pub struct DbLimit {
-    max: usize,
+    /// Changed by reloads; a lower value closes no busy server, it only stops new ones.
+    max: AtomicUsize,
     open: AtomicUsize,
     pools: Mutex<Vec<Weak<Pool>>>,
     /// Where the next hand-out of a freed slot starts, so no pool is always last.
@@ -510,7 +877,7 @@ pub struct DbLimit {
 impl DbLimit {
     pub fn new(max: usize) -> Arc<DbLimit> {
         Arc::new(DbLimit {
-            max,
+            max: AtomicUsize::new(max),
             open: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
             turn: AtomicUsize::new(0),
@@ -545,15 +912,31 @@ impl DbLimit {
     }
 
     fn try_take(&self) -> bool {
-        if self.max == 0 {
+        let max = self.max();
+        if max == 0 {
             self.open.fetch_add(1, Ordering::AcqRel);
             return true;
         }
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// The limit; 0 = none.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// More servers are open than the limit allows: a reload lowered it.
+    fn over(&self) -> bool {
+        let max = self.max();
+        max != 0 && self.open() > max
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     fn give_back(&self) {
@@ -562,7 +945,7 @@ impl DbLimit {
 
     /// A slot came free: offer it to the other pools' waiting clients.
     fn wake_others(&self, me: &Arc<Pool>) {
-        if self.max == 0 {
+        if self.max() == 0 {
             return;
         }
         for pool in self.others(me) {
@@ -576,8 +959,9 @@ impl DbLimit {
 
     /// Whether a client of another pool waits for room under the database-wide limit.
     fn others_starved(&self, me: &Arc<Pool>) -> bool {
-        self.max != 0
-            && self.open() >= self.max
+        let max = self.max();
+        max != 0
+            && self.open() >= max
             && self
                 .others(me)
                 .iter()
@@ -613,6 +997,10 @@ impl DbLimit {
 pub struct PoolSnapshot {
     pub open: usize,
     pub idle: usize,
+    pub connecting: usize,
+    pub paused: bool,
+    pub size: usize,
+    pub mode: crate::config::PoolMode,
     pub waiting: usize,
     pub clients: usize,
     pub oldest_wait: Option<Duration>,
@@ -630,6 +1018,46 @@ fn clone_error(e: &Error) -> Error {
             addr: String::new(),
             reason: other.to_string(),
         },
+    }
+}
+
+/// How long the longest-waiting client has waited, queued or held back by PAUSE.
+fn oldest_wait(st: &State) -> Option<Duration> {
+    let queued = st
+        .waiters
+        .iter()
+        .find(|w| !w.tx.is_closed())
+        .map(|w| w.since);
+    let held = st.held.iter().min().copied();
+    [queued, held]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.elapsed())
+}
+
+/// A client held back by PAUSE; uncounted however its wait ends, even if the waiting
+/// future is dropped.
+struct Held<'a> {
+    pool: &'a Pool,
+    since: Instant,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        if let Some(i) = st.held.iter().position(|t| *t == self.since) {
+            st.held.swap_remove(i);
+        }
+        self.pool.refresh_gauges(&st);
+    }
+}
+
+/// Records whether a server is attached to a client, for SHOW SERVERS.
+fn mark(st: &mut State, id: u64, active: bool) {
+    if let Some(info) = st.servers.get_mut(&id) {
+        info.active = active;
+        info.since = SystemTime::now();
     }
 }
 

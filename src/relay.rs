@@ -217,6 +217,10 @@ pub struct Tracker {
     uncommitted: Vec<SessionEffect>,
     /// The last CommandComplete was COMMIT (a failed block's COMMIT reports ROLLBACK).
     committed: bool,
+    /// When the oldest request still unanswered was framed, and when the open
+    /// transaction's first request was: for the duration histograms and SHOW STATS.
+    query_started: Option<Instant>,
+    xact_started: Option<Instant>,
     /// A statement ran whose completion does not rule out a write: anything but the
     /// session and transaction-control commands that never touch data.
     wrote: bool,
@@ -286,6 +290,8 @@ pub struct Limits<'a> {
     pub idle_transaction_timeout: Duration,
     pub query_timeout: Duration,
     pub metrics: &'a crate::metrics::PoolMetrics,
+    /// The pool's own totals, read by the console.
+    pub stats: &'a crate::pool::PoolStats,
     /// Hold the server's answer back from the client, and stop reading the client,
     /// until the first message that is not a preliminary one (ParseComplete,
     /// BindComplete, CloseComplete, descriptions, notices, ParameterStatus); a 25006
@@ -455,6 +461,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             Poll::Ready(Ok(n)) => {
                 self.limits.metrics.bytes_received.increment(n as u64);
+                self.limits
+                    .stats
+                    .received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 self.frame_client()?;
                 Ok(true)
             }
@@ -473,6 +483,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             Poll::Ready(Ok(0)) => Err(self.server_failed(io::ErrorKind::UnexpectedEof.into())),
             Poll::Ready(Ok(n)) => {
                 self.limits.metrics.bytes_sent.increment(n as u64);
+                self.limits
+                    .stats
+                    .sent
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 self.frame_server()?;
                 Ok(true)
             }
@@ -523,6 +537,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 continue;
             }
             let t = &mut *self.tracker;
+            if t.query_started.is_none() {
+                let now = Instant::now();
+                t.query_started = Some(now);
+                t.xact_started.get_or_insert(now);
+            }
             match frame.tag {
                 tag::QUERY => {
                     t.syncs_since_execute = 0;
@@ -750,10 +769,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         }
         t.failed = false;
 
+        use std::sync::atomic::Ordering::Relaxed;
         let m = self.limits.metrics;
+        let stats = self.limits.stats;
+        let now = Instant::now();
         m.queries.increment(1);
+        stats.queries.fetch_add(1, Relaxed);
+        if let Some(started) = t.query_started {
+            let took = now.saturating_duration_since(started);
+            m.query_duration.record(took.as_secs_f64());
+            stats.query_us.fetch_add(took.as_micros() as u64, Relaxed);
+        }
+        // Pipelined requests: the next one's time runs from this answer on.
+        t.query_started = (t.pending > 0).then_some(now);
         if status == b'I' {
             m.transactions.increment(1);
+            stats.transactions.fetch_add(1, Relaxed);
+            if let Some(started) = t.xact_started.take() {
+                let took = now.saturating_duration_since(started);
+                m.transaction_duration.record(took.as_secs_f64());
+                stats
+                    .transaction_us
+                    .fetch_add(took.as_micros() as u64, Relaxed);
+            }
         }
         let settled = self
             .client

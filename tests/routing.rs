@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, ClusterOptions, TestClusters};
@@ -462,6 +463,58 @@ async fn autocommit_selects_go_to_replicas_when_asked_and_writes_retry_on_the_pr
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_replica_pools_and_lag() {
+    let clusters = cluster::shared();
+    let general = format!("{}\nadmin_users = [\"app\"]", shared_setup_general());
+    let (db, mux) = setup(clusters, "route_console", &general, "").await;
+    let client = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+    let admin = connect(mux.addr, "app", "unused", "pgmux").await.unwrap();
+    let replica = format!("127.0.0.1:{}", clusters.replica.as_ref().unwrap().port());
+
+    let rows = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| {
+                            (
+                                r.columns()[i].name().to_string(),
+                                r.get(i).unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect::<std::collections::HashMap<_, _>>(),
+                ),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let replicas = rows(admin.simple_query("SHOW REPLICAS").await.unwrap());
+    let row = replicas
+        .iter()
+        .find(|r| r["database"] == db)
+        .expect("a replica row");
+    assert_eq!(row["replica"], replica);
+    assert_eq!(row["eligible"], "yes", "{row:?}");
+    assert!(row["lag_us"].parse::<u64>().is_ok(), "{row:?}");
+
+    // The replica's pool is a row of its own, told apart by the replica column.
+    let pools = rows(admin.simple_query("SHOW POOLS").await.unwrap());
+    let mine: Vec<_> = pools.iter().filter(|r| r["database"] == db).collect();
+    assert_eq!(mine.len(), 2, "{pools:?}");
+    assert!(mine.iter().any(|r| r["replica"].is_empty()));
+    let on_replica = mine.iter().find(|r| r["replica"] == replica).unwrap();
+    assert_eq!(on_replica["sv_idle"], "1", "{on_replica:?}");
+    let stats = rows(admin.simple_query("SHOW STATS").await.unwrap());
+    let replica_stats = stats
+        .iter()
+        .find(|r| r["database"] == db && r["replica"] == replica)
+        .unwrap();
+    assert!(replica_stats["total_xact_count"].parse::<u64>().unwrap() >= 1);
+}
+
 /// The numbers after `replica=` and `primary=` in a driver script's last line.
 fn placements(out: &drivers::Outcome) -> (u32, u32) {
     let line = out.stdout.lines().last().unwrap_or_default();
@@ -509,4 +562,35 @@ async fn pgjdbc_pipelined_begin_read_only_runs_on_the_replica() {
     let out = drivers::run_child(cmd, Duration::from_secs(120)).await;
     out.assert_clean("pgjdbc");
     assert_eq!(placements(&out), (10, 10), "{}", out.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resizes_routed_pools_in_place_and_restarts_probes_when_routing_changes() {
+    let clusters = cluster::shared();
+    let (db, mux) = setup(clusters, "route_reload", shared_setup_general(), "").await;
+    let client = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+    let router = mux.app.router(&db).unwrap();
+
+    let mut config = (*mux.app.config()).clone();
+    config.databases.get_mut(&db).unwrap().pool_size = Some(2);
+    mux.app.apply_config(config.clone()).await.unwrap();
+    assert!(Arc::ptr_eq(&router, &mux.app.router(&db).unwrap()));
+    assert_eq!(mux.app.pool_snapshot(&db, "app").unwrap().size, 2);
+    assert_eq!(mux.app.replica_snapshot(&db, "app", 0).unwrap().size, 2);
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+
+    // A routing setting: new probes; the connected client keeps working.
+    config.databases.get_mut(&db).unwrap().max_replica_lag = Duration::from_secs(2);
+    mux.app.apply_config(config).await.unwrap();
+    let new_router = mux.app.router(&db).unwrap();
+    assert!(!Arc::ptr_eq(&router, &new_router));
+    assert!(runs_on_replica(&client, "BEGIN READ ONLY").await);
+    let fresh = connect(mux.addr, "app", "unused", &db).await.unwrap();
+    let joined = eventually(Duration::from_secs(20), || {
+        new_router.view(0, Instant::now()).eligible
+    })
+    .await;
+    assert!(joined);
+    assert!(runs_on_replica(&fresh, "BEGIN READ ONLY").await);
 }

@@ -964,3 +964,44 @@ async fn cancel_reaches_a_tls_server() {
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_over_tls_with_channel_binding() {
+    let primary = &cluster::shared().primary;
+    let db = fresh_db(primary, "tlsconsole");
+    let general = format!("{}\nadmin_users = [\"app\"]", client_tls("require"));
+    let mux = start_pgmux(&config_text(primary, &db, &general, "")).await;
+    let addr = mux.addr;
+    let out = tokio::task::spawn_blocking(move || {
+        let conninfo = format!(
+            "host={} port={} user=app dbname=pgmux connect_timeout=10 sslmode=require channel_binding=require",
+            addr.ip(),
+            addr.port()
+        );
+        Command::new(cluster::pg_bin("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", "\\conninfo", "-c", "SHOW VERSION", conninfo.as_str()])
+            .env("PGPASSWORD", "app-secret")
+            .env("PGSSLROOTCERT", "/nonexistent")
+            .env("PGSSLCERT", "/nonexistent")
+            .env("PGSSLKEY", "/nonexistent")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGCHANNELBINDING")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_tls(&stdout), "{stdout}");
+    assert!(
+        stdout.contains(&format!("pgmux {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+}

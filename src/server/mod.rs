@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::params::{ParamSet, SharedParams};
 
 /// Where a pool's servers live and who pgmux logs in as.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
@@ -27,6 +27,38 @@ pub struct Target {
     pub password: String,
     /// TLS settings, unless `server_tls_mode = "disable"`.
     pub tls: Option<Arc<crate::tls::Connector>>,
+}
+
+/// A reload compares targets to see whether a pool must retire its servers; TLS
+/// settings are the same object for as long as they are unchanged.
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.dbname == other.dbname
+            && self.user == other.user
+            && self.password == other.password
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Target {}
+
+/// Written by hand so that no log line can carry the password.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Target {
