@@ -407,6 +407,10 @@ impl ClientStatements {
             },
             _ => return Drops::Nothing,
         };
+        // Nearly every query is neither; skip the scan for those.
+        if !crate::sql::may_start_with(text, &["deallocate", "discard"]) {
+            return Drops::Nothing;
+        }
         let Ok(text) = std::str::from_utf8(text) else {
             return Drops::Nothing;
         };

@@ -952,17 +952,7 @@ fn session_effect_of(text: &[u8]) -> Option<SessionEffect> {
 
 /// Cheap pre-check before looking for SET, RESET or DISCARD in a query.
 fn starts_like_session_statement(text: &[u8]) -> bool {
-    let first = text
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .map(|i| &text[i..])
-        .unwrap_or_default();
-    let lower = |n: usize| first.get(..n).map(|p| p.to_ascii_lowercase());
-    first.starts_with(b"/*")
-        || first.starts_with(b"--")
-        || lower(3).as_deref() == Some(b"set")
-        || lower(5).as_deref() == Some(b"reset")
-        || lower(7).as_deref() == Some(b"discard")
+    sql::may_start_with(text, &["set", "reset", "discard"])
 }
 
 fn apply_effect(params: &mut ParamSet, effect: SessionEffect) {

@@ -150,6 +150,20 @@ pub fn drops_all_statements(sql: &str) -> bool {
     )
 }
 
+/// A cheap test, without allocating, of whether `text` may start with one of `words`
+/// (ASCII, lower case): leading whitespace is skipped, and text starting with a comment
+/// may start with anything. The scanner above is only worth running when this holds.
+pub fn may_start_with(text: &[u8], words: &[&str]) -> bool {
+    let start = text.iter().position(|b| !b.is_ascii_whitespace());
+    let rest = start.map_or(&[][..], |i| &text[i..]);
+    rest.starts_with(b"/*")
+        || rest.starts_with(b"--")
+        || words.iter().any(|w| {
+            rest.get(..w.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(w.as_bytes()))
+        })
+}
+
 /// The statement a single-statement `DEALLOCATE [PREPARE] name` removes, as PostgreSQL
 /// looks it up: unquoted names folded to lower case, quoted ones as written. `None` for
 /// `DEALLOCATE ALL` and anything else.
@@ -199,6 +213,16 @@ pub fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_test_skips_whitespace_and_allows_comments() {
+        assert!(may_start_with(b"  SET x = 1", &["set"]));
+        assert!(may_start_with(b"Discard all", &["set", "discard"]));
+        assert!(may_start_with(b"/* c */ set x = 1", &["set"]));
+        assert!(!may_start_with(b"SELECT 1", &["set", "reset"]));
+        assert!(!may_start_with(b"", &["set"]));
+        assert!(!may_start_with(b"se", &["set"]));
+    }
 
     #[test]
     fn deallocate_names_fold_like_identifiers() {

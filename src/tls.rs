@@ -479,15 +479,19 @@ impl ClientStream {
             ClientStream::Plain(tcp) => loop {
                 tcp.readable().await?;
                 reserve(buf);
-                match tcp.try_read_buf(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // One poll of an ordinary read rather than `try_read_buf`: a short read
+                // through `poll_read` also clears the socket's readiness, which spares
+                // the relay a read that would only return EAGAIN.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), &mut cx, buf) {
+                    std::task::Poll::Ready(result) => return result,
+                    std::task::Poll::Pending => {
                         // Readiness was stale (left over from login): give the buffer
                         // back while waiting for real data.
                         if buf.is_empty() {
                             *buf = BytesMut::new();
                         }
                     }
-                    result => return result,
                 }
             },
             _ => {
