@@ -248,9 +248,11 @@ struct Session {
 
 /// What the authentication exchange may bind to: the TLS channel (for
 /// SCRAM-SHA-256-PLUS) and the client's certificate.
-fn transport(app: &App, stream: &ClientStream) -> crate::auth::Transport {
+/// `acceptor` is the one that ran this connection's handshake: a reload may have loaded
+/// other certificates since.
+fn transport(acceptor: Option<&tls::Acceptor>, stream: &ClientStream) -> crate::auth::Transport {
     crate::auth::Transport {
-        end_point: match (&app.tls, stream.is_tls()) {
+        end_point: match (acceptor, stream.is_tls()) {
             (Some(tls), true) => Some(Arc::clone(&tls.end_point)),
             _ => None,
         },
@@ -265,7 +267,8 @@ async fn login(
     stream: &mut ClientStream,
     addr: SocketAddr,
 ) -> Result<Option<Login>> {
-    let Some(startup) = negotiate(app, stream).await? else {
+    let mut acceptor = None;
+    let Some(startup) = negotiate(app, stream, &mut acceptor).await? else {
         return Ok(None);
     };
     // One configuration for the whole login, even if a reload lands meanwhile.
@@ -300,7 +303,7 @@ async fn login(
     let application_name = startup.get("application_name").unwrap_or("").to_string();
     if requested == crate::ADMIN_DATABASE {
         let creds = shared.credentials(&user);
-        let transport = transport(app, stream);
+        let transport = transport(acceptor.as_deref(), stream);
         let auth_type = shared.config.pgmux.auth_type;
         crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
         let g = &shared.config.pgmux;
@@ -343,7 +346,7 @@ async fn login(
     }
 
     let creds = shared.credentials(&user);
-    let transport = transport(app, stream);
+    let transport = transport(acceptor.as_deref(), stream);
     let auth_type = shared.config.pgmux.auth_type;
     crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
 
@@ -387,20 +390,26 @@ async fn login(
 
 /// Reads packets until a StartupMessage (or a CancelRequest, handled here). Runs the
 /// TLS handshake on the way when the client asks for it.
-async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<StartupMessage>> {
+/// `used` gets the TLS acceptor that ran the handshake, if one did.
+async fn negotiate(
+    app: &Arc<App>,
+    stream: &mut ClientStream,
+    used: &mut Option<Arc<tls::Acceptor>>,
+) -> Result<Option<StartupMessage>> {
     // A PostgreSQL 17 client with sslnegotiation=direct opens with a TLS ClientHello
     // instead of a packet length (whose first byte is 0 for any valid startup packet).
     if let ClientStream::Plain(tcp) = stream {
         let mut first = [0u8; 1];
         let n = tcp.peek(&mut first).await.map_err(Error::ClientIo)?;
         if n == 1 && first[0] == tls::TLS_HANDSHAKE_BYTE {
-            let Some(acceptor) = &app.tls else {
+            let Some(acceptor) = app.tls() else {
                 // Nothing can be said in plaintext to a TLS client: just close.
                 return Err(Error::ClientIo(std::io::Error::other(
                     "direct TLS connection refused: client_tls_mode = \"disable\"",
                 )));
             };
-            upgrade(stream, acceptor, true).await?;
+            upgrade(stream, &acceptor, true).await?;
+            *used = Some(acceptor);
         }
     }
     // SSLRequest then GSSENCRequest is the most a real client sends before its startup.
@@ -429,10 +438,11 @@ async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<S
                         _ => Error::ClientIo(e),
                     });
                 }
-                match (&packet, &app.tls) {
+                match (&packet, app.tls()) {
                     (StartupPacket::SslRequest, Some(acceptor)) => {
                         send(stream, b"S").await?;
-                        upgrade(stream, acceptor, false).await?;
+                        upgrade(stream, &acceptor, false).await?;
+                        *used = Some(acceptor);
                     }
                     _ => send(stream, b"N").await?,
                 }
@@ -445,7 +455,7 @@ async fn negotiate(app: &Arc<App>, stream: &mut ClientStream) -> Result<Option<S
                 return Ok(None);
             }
             StartupPacket::Startup(message) => {
-                let require = app.tls.as_ref().map(|t| t.mode) == Some(ClientTlsMode::Require);
+                let require = app.tls().map(|t| t.mode) == Some(ClientTlsMode::Require);
                 if require && !stream.is_tls() {
                     let user = message.get("user").unwrap_or_default();
                     let database = message.get("database").unwrap_or(user);

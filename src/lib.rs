@@ -63,9 +63,10 @@ pub struct App {
     paused: Mutex<HashSet<String>>,
     /// Cancelled when pgmux starts shutting down.
     pub shutdown: CancellationToken,
-    /// TLS towards clients, unless `client_tls_mode = "disable"`. Loaded at start only:
-    /// a reload keeps it (see [`App::apply_config`]).
-    pub tls: Option<tls::Acceptor>,
+    /// TLS towards clients, unless `client_tls_mode = "disable"`. A reload loads the
+    /// certificates again; handshakes already under way keep the material they began
+    /// with.
+    tls: RwLock<Option<Arc<tls::Acceptor>>>,
 }
 
 /// A configuration and what pgmux derives from it.
@@ -375,7 +376,7 @@ pub struct ReloadSummary {
 impl App {
     /// Fails if the TLS certificates or keys cannot be loaded.
     pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
-        let tls = tls::acceptor(&config)?;
+        let tls = RwLock::new(tls::acceptor(&config)?.map(Arc::new));
         let server_tls = tls::connector(&config)?;
         Ok(Arc::new(App {
             shared: RwLock::new(Arc::new(Shared::build(config, None, server_tls))),
@@ -390,6 +391,11 @@ impl App {
             shutdown: CancellationToken::new(),
             tls,
         }))
+    }
+
+    /// The TLS acceptor for new client connections, if client TLS is on.
+    pub fn tls(&self) -> Option<Arc<tls::Acceptor>> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The configuration in force and what derives from it.
@@ -447,30 +453,25 @@ impl App {
             config.pgmux.metrics_listen = prev.config.pgmux.metrics_listen;
             summary.ignored.push("metrics_listen");
         }
-        // Certificates and keys are loaded once, at start; TLS settings keep their values.
-        {
-            let (new, old) = (&mut config.pgmux, &prev.config.pgmux);
-            let tls_changed = new.client_tls_mode != old.client_tls_mode
-                || new.client_tls_cert != old.client_tls_cert
-                || new.client_tls_key != old.client_tls_key
-                || new.client_tls_ca != old.client_tls_ca
-                || new.server_tls_mode != old.server_tls_mode
-                || new.server_tls_ca != old.server_tls_ca
-                || new.server_tls_cert != old.server_tls_cert
-                || new.server_tls_key != old.server_tls_key;
-            if tls_changed {
-                new.client_tls_mode = old.client_tls_mode;
-                new.client_tls_cert = old.client_tls_cert.clone();
-                new.client_tls_key = old.client_tls_key.clone();
-                new.client_tls_ca = old.client_tls_ca.clone();
-                new.server_tls_mode = old.server_tls_mode;
-                new.server_tls_ca = old.server_tls_ca.clone();
-                new.server_tls_cert = old.server_tls_cert.clone();
-                new.server_tls_key = old.server_tls_key.clone();
-                summary.ignored.push("client_tls_* and server_tls_*");
+        // Certificates and keys are read again on every reload, so that renewed files
+        // take effect for new handshakes; a file that cannot be loaded fails the whole
+        // reload. Server-side TLS is rebuilt only when its settings changed: a new
+        // connector retires every server connection (once released) to reconnect.
+        let acceptor = tls::acceptor(&config).map_err(|e| e.to_string())?;
+        let server_tls = {
+            let (new, old) = (&config.pgmux, &prev.config.pgmux);
+            let same = new.server_tls_mode == old.server_tls_mode
+                && new.server_tls_ca == old.server_tls_ca
+                && new.server_tls_cert == old.server_tls_cert
+                && new.server_tls_key == old.server_tls_key;
+            if same {
+                prev.server_tls.clone()
+            } else {
+                tls::connector(&config).map_err(|e| e.to_string())?
             }
-        }
-        let next = Arc::new(Shared::build(config, Some(&prev), prev.server_tls.clone()));
+        };
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = acceptor.map(Arc::new);
+        let next = Arc::new(Shared::build(config, Some(&prev), server_tls));
         *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&next);
         let mut retired = Vec::new();
         {

@@ -1005,3 +1005,87 @@ async fn the_console_works_over_tls_with_channel_binding() {
         "{stdout}"
     );
 }
+
+/// The certificate pgmux presents in a direct-TLS handshake.
+async fn presented_certificate(addr: SocketAddr) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_client(Some(b"postgresql"))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let certs = tls.get_ref().1.peer_certificates().expect("a certificate");
+    certs[0].as_ref().to_vec()
+}
+
+fn der_of(pem_path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(pem_path).unwrap();
+    rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_picks_up_new_certificates_and_refuses_broken_ones() {
+    let c = certs();
+    let primary = &cluster::shared().primary;
+    let db = fresh_db(primary, "tlsreload");
+    // Files of this test's own, replaced while pgmux runs.
+    let dir = c.dir.join(format!("reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("live.crt"), dir.join("live.key"));
+    std::fs::copy(c.path("server.crt"), &cert).unwrap();
+    std::fs::copy(c.path("server.key"), &key).unwrap();
+    let general = format!(
+        "client_tls_mode = \"prefer\"\nclient_tls_cert = \"{}\"\nclient_tls_key = \"{}\"\nauth_type = \"trust\"",
+        cert.display(),
+        key.display()
+    );
+    let text = config_text(primary, &db, &general, "");
+    let path = dir.join("pgmux.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mux = start_pgmux(&text).await;
+    mux.app.set_config_path(&path);
+    assert_eq!(
+        presented_certificate(mux.addr).await,
+        der_of(&c.path("server.crt"))
+    );
+
+    // Renewed files at the same paths: new handshakes present the new certificate.
+    std::fs::copy(c.path("pg.crt"), &cert).unwrap();
+    std::fs::copy(c.path("pg.key"), &key).unwrap();
+    mux.app
+        .reload()
+        .await
+        .expect("reload with renewed certificates");
+    assert_eq!(
+        presented_certificate(mux.addr).await,
+        der_of(&c.path("pg.crt"))
+    );
+
+    // A broken key fails the whole reload; the material in use stays.
+    std::fs::write(&key, "not a key").unwrap();
+    let err = mux.app.reload().await.expect_err("a broken key is refused");
+    assert!(err.contains("client_tls_key"), "{err}");
+    assert_eq!(
+        presented_certificate(mux.addr).await,
+        der_of(&c.path("pg.crt"))
+    );
+    // And TLS clients still log in.
+    let out = psql_async(
+        mux.addr,
+        "app",
+        "unused",
+        db.clone(),
+        "sslmode=require".into(),
+        vec![],
+    )
+    .await
+    .expect("psql over TLS after the refused reload");
+    assert!(out.contains("SSL connection"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
