@@ -4,6 +4,7 @@
 //! Query message, answered with text columns. `admin_users` may run every command,
 //! `stats_users` only the SHOW commands; other users are refused at login.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::pool::{Averages, Totals};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::tag;
 use crate::{App, ClientInfo, ClientState, Pools};
@@ -444,13 +446,20 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
             )
         }
         "STATS" => {
-            let mut out = Vec::new();
-            for ((db, user), set) in app.all_pools() {
+            // One row per database, as in PgBouncer (whose exporters key on the name):
+            // the pools of all its users and replicas add up.
+            let mut by_db: BTreeMap<String, (Totals, Averages)> = BTreeMap::new();
+            for ((db, _user), set) in app.all_pools() {
+                let (t, a) = by_db.entry(db.clone()).or_default();
                 for pool in set.all() {
-                    let t = pool.stats.totals();
-                    let a = pool.stats.averages();
-                    out.push(vec![
-                        db.clone(),
+                    add_stats(t, a, &pool.stats.totals(), &pool.stats.averages());
+                }
+            }
+            let out = by_db
+                .into_iter()
+                .map(|(db, (t, a))| {
+                    vec![
+                        db,
                         t.transactions.to_string(),
                         t.queries.to_string(),
                         t.received.to_string(),
@@ -465,11 +474,9 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                         a.transaction_us.to_string(),
                         a.query_us.to_string(),
                         a.wait_us.to_string(),
-                        user.clone(),
-                        pool.replica.clone().unwrap_or_default(),
-                    ]);
-                }
-            }
+                    ]
+                })
+                .collect();
             rows(
                 vec![
                     "database",
@@ -487,8 +494,6 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                     "avg_xact_time",
                     "avg_query_time",
                     "avg_wait_time",
-                    "user",
-                    "replica",
                 ],
                 out,
             )
@@ -732,6 +737,44 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
         "" => Err(fail("42601", "SHOW needs a subject, e.g. SHOW POOLS")),
         other => Err(fail("42601", format!("unknown SHOW subject \"{other}\""))),
     }
+}
+
+/// Adds one pool's counters to a database's. Rates add up; mean durations are weighted
+/// by how many transactions (or queries) each pool ran in the period.
+fn add_stats(t: &mut Totals, a: &mut Averages, pt: &Totals, pa: &Averages) {
+    t.transactions += pt.transactions;
+    t.queries += pt.queries;
+    t.received += pt.received;
+    t.sent += pt.sent;
+    t.transaction_us += pt.transaction_us;
+    t.query_us += pt.query_us;
+    t.wait_us += pt.wait_us;
+    t.waits += pt.waits;
+    let mean = |mine: u64, my_n: u64, theirs: u64, their_n: u64| {
+        let n = my_n + their_n;
+        if n == 0 {
+            0
+        } else {
+            (mine * my_n + theirs * their_n) / n
+        }
+    };
+    a.transaction_us = mean(
+        a.transaction_us,
+        a.transactions_per_s,
+        pa.transaction_us,
+        pa.transactions_per_s,
+    );
+    a.wait_us = mean(
+        a.wait_us,
+        a.transactions_per_s,
+        pa.wait_us,
+        pa.transactions_per_s,
+    );
+    a.query_us = mean(a.query_us, a.queries_per_s, pa.query_us, pa.queries_per_s);
+    a.transactions_per_s += pa.transactions_per_s;
+    a.queries_per_s += pa.queries_per_s;
+    a.received_per_s += pa.received_per_s;
+    a.sent_per_s += pa.sent_per_s;
 }
 
 #[cfg(test)]

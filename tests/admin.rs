@@ -200,10 +200,8 @@ async fn show_output_has_pgbouncer_columns_and_returns_to_baseline() {
             "avg_wait_time"
         ]
     );
-    let stat = stats
-        .iter()
-        .find(|r| r["database"] == db && r["replica"].is_empty())
-        .unwrap();
+    assert_eq!(columns.len(), 15, "one row per database, as in PgBouncer");
+    let stat = stats.iter().find(|r| r["database"] == db).unwrap();
     let n = |k: &str| stat[k].parse::<u64>().unwrap();
     assert!(n("total_xact_count") >= 3, "{stat:?}");
     assert!(n("total_query_count") >= 3, "{stat:?}");
@@ -669,4 +667,19 @@ async fn set_lowers_limits_on_running_pools() {
     for c in &clients {
         c.batch_execute("SELECT 1").await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_runs_console_commands() {
+    let python = common::drivers::python();
+    let (db, mux) = setup("console_psycopg", "").await;
+    let user = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    user.batch_execute("SELECT 1").await.unwrap();
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(common::drivers::script("psycopg_console.py"))
+        .arg(mux.addr.port().to_string())
+        .arg(&db);
+    let out = common::drivers::run_child(cmd, Duration::from_secs(60)).await;
+    assert!(out.success, "{}", out.describe());
+    assert!(out.stdout.starts_with("ok pools="), "{}", out.describe());
 }

@@ -1089,3 +1089,58 @@ async fn reload_picks_up_new_certificates_and_refuses_broken_ones() {
     assert!(out.contains("SSL connection"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_sslmodes_against_each_client_tls_mode() {
+    let python = common::drivers::python();
+    let primary = &cluster::shared().primary;
+    let db = fresh_db(primary, "tlspsycopg");
+    for mode in ["disable", "prefer", "require"] {
+        let general = if mode == "disable" {
+            String::new()
+        } else {
+            client_tls(mode)
+        };
+        let mux = start_pgmux(&config_text(primary, &db, &general, "")).await;
+        let mut cmd = Command::new(&python);
+        cmd.arg(common::drivers::script("psycopg_tls.py"))
+            .arg(mux.addr.port().to_string())
+            .arg(&db)
+            .arg(certs().ca())
+            .arg(mode)
+            .env_remove("PGSSLMODE");
+        let out = common::drivers::run_child(cmd, Duration::from_secs(60)).await;
+        assert!(out.success, "{}", out.describe());
+        for sslmode in [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ] {
+            let line = out
+                .stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("sslmode={sslmode} ")))
+                .unwrap_or_else(|| panic!("{mode}/{sslmode} missing: {}", out.describe()));
+            let refused = (mode == "disable"
+                && matches!(sslmode, "require" | "verify-ca" | "verify-full"))
+                || (mode == "require" && sslmode == "disable");
+            // allow tries plaintext first, and only a refusal makes it use TLS.
+            let tls = mode != "disable"
+                && sslmode != "disable"
+                && !(sslmode == "allow" && mode != "require");
+            let expected = if refused {
+                "refused=".to_string()
+            } else {
+                format!("tls={}", if tls { "yes" } else { "no" })
+            };
+            assert!(
+                line.contains(&expected),
+                "{mode}/{sslmode}: expected {expected}, got {line}"
+            );
+        }
+        mux.shutdown(Duration::from_secs(1)).await;
+    }
+}
