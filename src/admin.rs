@@ -751,12 +751,9 @@ fn add_stats(t: &mut Totals, a: &mut Averages, pt: &Totals, pa: &Averages) {
     t.wait_us += pt.wait_us;
     t.waits += pt.waits;
     let mean = |mine: u64, my_n: u64, theirs: u64, their_n: u64| {
-        let n = my_n + their_n;
-        if n == 0 {
-            0
-        } else {
-            (mine * my_n + theirs * their_n) / n
-        }
+        (mine * my_n + theirs * their_n)
+            .checked_div(my_n + their_n)
+            .unwrap_or(0)
     };
     a.transaction_us = mean(
         a.transaction_us,
