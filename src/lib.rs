@@ -12,6 +12,8 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod params;
 pub mod pool;

@@ -258,6 +258,7 @@ impl Server {
                     let client = scram
                         .as_mut()
                         .ok_or_else(|| Error::ServerProtocol("SASLContinue without SASL".into()))?;
+                    check_server_first(body.data()).map_err(Error::ServerProtocol)?;
                     client
                         .update(body.data())
                         .map_err(|e| Error::ServerProtocol(format!("SCRAM: {e}")))?;
@@ -410,6 +411,39 @@ pub struct QuietOutcome {
     pub reported: Vec<(String, String)>,
 }
 
+/// Most PBKDF2 iterations pgmux computes for a server's SCRAM challenge. PostgreSQL uses
+/// 4096 unless `scram_iterations` says otherwise; a server asking for millions would
+/// cost pgmux seconds of CPU per login.
+const MAX_SCRAM_ITERATIONS: u32 = 100_000;
+
+/// Longest server nonce accepted in a SCRAM challenge; PostgreSQL's are 42 characters
+/// with the client's part.
+const MAX_SCRAM_NONCE: usize = 1024;
+
+/// Refuses a SCRAM server-first-message (`r=nonce,s=salt,i=iterations`) whose nonce is
+/// oversized or whose iteration count is beyond [`MAX_SCRAM_ITERATIONS`], before any work
+/// is done for it.
+fn check_server_first(data: &[u8]) -> std::result::Result<(), String> {
+    let text = std::str::from_utf8(data).map_err(|_| "SCRAM challenge is not UTF-8")?;
+    for attribute in text.split(',') {
+        if let Some(nonce) = attribute.strip_prefix("r=") {
+            if nonce.len() > MAX_SCRAM_NONCE {
+                return Err(format!("SCRAM nonce of {} bytes is too long", nonce.len()));
+            }
+        } else if let Some(count) = attribute.strip_prefix("i=") {
+            let count: u64 = count
+                .parse()
+                .map_err(|_| format!("SCRAM iteration count {count:?} is not a number"))?;
+            if count > u64::from(MAX_SCRAM_ITERATIONS) {
+                return Err(format!(
+                    "server asks for {count} SCRAM iterations; pgmux computes at most {MAX_SCRAM_ITERATIONS}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// SQLSTATE and message of a server ErrorResponse.
 fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -> (String, String) {
     let mut code = String::from("08006");
@@ -423,4 +457,20 @@ fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -
         }
     }
     (code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scram_challenges_are_bounded() {
+        assert!(check_server_first(b"r=abc,s=c2FsdA==,i=4096").is_ok());
+        assert!(check_server_first(b"r=abc,s=c2FsdA==,i=100000").is_ok());
+        let err = check_server_first(b"r=abc,s=c2FsdA==,i=2147483647").unwrap_err();
+        assert!(err.contains("2147483647"), "{err}");
+        assert!(check_server_first(b"r=abc,s=c2FsdA==,i=-1").is_err());
+        let long = format!("r={},s=c2FsdA==,i=4096", "n".repeat(2000));
+        assert!(check_server_first(long.as_bytes()).is_err());
+    }
 }
