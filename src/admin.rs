@@ -582,6 +582,7 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                             clients.get(&s.id).map(u64::to_string).unwrap_or_default(),
                             s.id.to_string(),
                             pool.replica.clone().unwrap_or_default(),
+                            s.prepared.to_string(),
                         ]);
                     }
                 }
@@ -600,6 +601,7 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                     "link",
                     "id",
                     "replica",
+                    "prepared_statements",
                 ],
                 out,
             )

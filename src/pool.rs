@@ -146,6 +146,8 @@ pub struct ServerInfo {
     /// When it last changed between idle and in use.
     pub since: SystemTime,
     pub active: bool,
+    /// Protocol-level prepared statements pgmux holds on it, as of its last release.
+    pub prepared: usize,
     /// Servers opened before the latest RECONNECT or target change are closed when
     /// released.
     generation: u64,
@@ -433,6 +435,7 @@ impl Pool {
                         connected_at: now,
                         since: now,
                         active: true,
+                        prepared: 0,
                         generation,
                     },
                 );
@@ -520,6 +523,9 @@ impl Pool {
             return;
         }
         server.last_used = Instant::now();
+        if let Some(info) = st.servers.get_mut(&server.id) {
+            info.prepared = server.prepared.as_ref().map_or(0, |p| p.len());
+        }
         mark(&mut st, server.id, false);
         if st.paused {
             st.idle.push(server);

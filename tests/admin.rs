@@ -221,8 +221,20 @@ async fn show_output_has_pgbouncer_columns_and_returns_to_baseline() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(idle);
+    // A prepared statement (tokio-postgres prepares its queries) stays on its server.
+    let row = clients[0]
+        .query_one("SELECT $1::int", &[&7i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
     let (_, servers) = show(&admin, "SHOW SERVERS").await;
     assert!(servers.iter().filter(|r| r["database"] == db).count() <= 2);
+    let prepared: usize = servers
+        .iter()
+        .filter(|r| r["database"] == db)
+        .map(|r| r["prepared_statements"].parse::<usize>().unwrap())
+        .sum();
+    assert!(prepared >= 1, "{servers:?}");
     let (_, dbs) = show(&admin, "SHOW DATABASES").await;
     assert!(dbs.iter().any(|r| r["name"] == db));
 
