@@ -569,23 +569,8 @@ impl ClientStatements {
             return Action::Forward;
         }
         self.out.clear();
-        let server_name = match self.map.get(name) {
-            Some(stmt) => {
-                let stmt = Arc::clone(stmt);
-                // Keep the Bind's expectation behind the ones of what is sent first.
-                self.expect.pop_back();
-                if !server.touch(&stmt.name) {
-                    self.prepare_on_server(&stmt, server, true);
-                }
-                let name = stmt.name.clone();
-                self.expect
-                    .push_back(Expect::Relay(Kind::Bind, Undo::Uses(stmt)));
-                name
-            }
-            None if name.starts_with(NAME_PREFIX.as_bytes()) => {
-                Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
-            }
-            None => return Action::Forward,
+        let Some(server_name) = self.server_name_for(Kind::Bind, name, server) else {
+            return Action::Forward;
         };
         self.out.put_u8(tag::BIND);
         self.out
@@ -596,6 +581,34 @@ impl ClientStatements {
         self.out.put_u8(0);
         self.out.put_slice(params);
         Action::Replace
+    }
+
+    /// The server-side name a Bind or Describe (`kind`) of the client's statement `name`
+    /// goes out with, after what prepares the statement on `server` if it lacks it (in
+    /// `out`); `None` when the message is forwarded unchanged. The message's own
+    /// expectation, queued by the caller, moves behind those of what is sent first.
+    fn server_name_for(
+        &mut self,
+        kind: Kind,
+        name: &[u8],
+        server: &mut ServerStatements,
+    ) -> Option<Arc<str>> {
+        match self.map.get(name) {
+            Some(stmt) => {
+                let stmt = Arc::clone(stmt);
+                self.expect.pop_back();
+                if !server.touch(&stmt.name) {
+                    self.prepare_on_server(&stmt, server, true);
+                }
+                let server_name = stmt.name.clone();
+                self.expect.push_back(Expect::Relay(kind, Undo::Uses(stmt)));
+                Some(server_name)
+            }
+            None if name.starts_with(NAME_PREFIX.as_bytes()) => {
+                Some(Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii")))
+            }
+            None => None,
+        }
     }
 
     fn describe(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
@@ -609,22 +622,8 @@ impl ClientStatements {
             return Action::Forward;
         }
         self.out.clear();
-        let server_name = match self.map.get(name) {
-            Some(stmt) => {
-                let stmt = Arc::clone(stmt);
-                self.expect.pop_back();
-                if !server.touch(&stmt.name) {
-                    self.prepare_on_server(&stmt, server, true);
-                }
-                let name = stmt.name.clone();
-                self.expect
-                    .push_back(Expect::Relay(Kind::Describe, Undo::Uses(stmt)));
-                name
-            }
-            None if name.starts_with(NAME_PREFIX.as_bytes()) => {
-                Arc::from(std::str::from_utf8(UNKNOWN_NAME).expect("ascii"))
-            }
-            None => return Action::Forward,
+        let Some(server_name) = self.server_name_for(Kind::Describe, name, server) else {
+            return Action::Forward;
         };
         self.out.put_u8(tag::DESCRIBE);
         self.out.put_i32((4 + 1 + server_name.len() + 1) as i32);
