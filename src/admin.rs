@@ -263,6 +263,12 @@ async fn run(
         "KILL" => {
             let db = arg.ok_or_else(|| fail("42601", "KILL needs a database name"))?;
             let sets = pool_sets(app, Some(db))?;
+            // As in PgBouncer, the database stays paused: new transactions wait for
+            // RESUME instead of reopening servers at once.
+            app.set_paused(Some(db), true);
+            for (_, set) in &sets {
+                set.all().for_each(|p| p.pause());
+            }
             let mut killed = 0;
             for client in app.sessions() {
                 if !client.console && client.database == db {

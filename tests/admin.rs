@@ -574,8 +574,20 @@ async fn kill_client_and_kill_database_disconnect_clients() {
     assert!(bystander.batch_execute("SELECT 1").await.is_err());
     let gone = eventually(Duration::from_secs(10), || backends(primary(), &db) == 0).await;
     assert!(gone);
+    // As in PgBouncer, the database stays paused: a new client's query waits for RESUME.
     let fresh = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
-    fresh.batch_execute("SELECT 1").await.unwrap();
+    let query = tokio::spawn(async move { fresh.batch_execute("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !query.is_finished(),
+        "a query ran on a killed database before RESUME"
+    );
+    admin.simple_query(&format!("RESUME {db}")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("the query runs after RESUME")
+        .unwrap()
+        .unwrap();
     let err = admin.simple_query("KILL nosuchdb").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));
 }
