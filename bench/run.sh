@@ -163,18 +163,8 @@ MUX_PID=
 BOUNCER_PID=
 CHILD_PID=
 
-stop_pid() { # stop_pid PID: SIGTERM, wait up to 10 s, then SIGKILL
-    local pid=$1
-    [ -n "$pid" ] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+# stop_pid and pg come from bench/lib.sh.
+. "$BENCH_DIR/lib.sh"
 
 cleanup() {
     local status=$?
@@ -201,7 +191,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-pg() { (cd "$TMP" && runuser -u postgres -- "$@"); }
 # Run a command in the background and wait for it, so that a signal interrupts `wait`
 # and the trap runs at once; the trap stops the child.
 fg_child() {
