@@ -93,17 +93,17 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     body
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_report_pool_wait_after_a_queued_workload() {
-    let clusters = cluster::shared();
-    let db = fresh_db(&clusters.primary, "metrics");
+/// Starts the pgmux binary on `config` (whose `listen` is "127.0.0.1:0") with free
+/// client and metrics ports, and waits until it accepts clients. Returns the process
+/// (stopped when dropped), the client address and the metrics address.
+async fn spawn_with_metrics(name: &str, config: &str) -> (Process, SocketAddr, SocketAddr) {
     let (listen, metrics) = (free_port(), free_port() + 1);
-    let text = config_text(&clusters.primary, &db, "default_pool_size = 1", "").replace(
+    let text = config.replace(
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{listen}\"\nmetrics_listen = \"127.0.0.1:{metrics}\""),
     );
-    let path = write_config("metrics", &text);
-    let _child = Process(
+    let path = write_config(name, &text);
+    let child = Process(
         pgmux()
             .arg("-c")
             .arg(&path)
@@ -115,6 +115,15 @@ async fn metrics_report_pool_wait_after_a_queued_workload() {
     let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let up = eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()).await;
     assert!(up, "pgmux did not start");
+    (child, addr, format!("127.0.0.1:{metrics}").parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_pool_wait_after_a_queued_workload() {
+    let clusters = cluster::shared();
+    let db = fresh_db(&clusters.primary, "metrics");
+    let config = config_text(&clusters.primary, &db, "default_pool_size = 1", "");
+    let (_child, addr, metrics_addr) = spawn_with_metrics("metrics", &config).await;
 
     // Five clients on one server: four of them must queue.
     let mut tasks = Vec::new();
@@ -129,7 +138,6 @@ async fn metrics_report_pool_wait_after_a_queued_workload() {
         t.await.unwrap();
     }
 
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
     let body = tokio::task::block_in_place(|| http_get(metrics_addr, "/metrics"));
     let labels = format!("database=\"{db}\",user=\"app\"");
     let count_line = body
@@ -505,26 +513,9 @@ async fn metrics_report_replica_lag_and_routing() {
         db
     });
     let replica = clusters.replica.as_ref().expect("a replica");
-    let (listen, metrics) = (free_port(), free_port() + 1);
     let routing = format!("replicas = [\"127.0.0.1:{}\"]", replica.port());
-    let text = config_text(&clusters.primary, &db, "", &routing).replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{listen}\"\nmetrics_listen = \"127.0.0.1:{metrics}\""),
-    );
-    let path = write_config("metrics_route", &text);
-    let _child = Process(
-        pgmux()
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
-    let up = eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()).await;
-    assert!(up, "pgmux did not start");
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let config = config_text(&clusters.primary, &db, "", &routing);
+    let (_child, addr, metrics_addr) = spawn_with_metrics("metrics_route", &config).await;
     let eligible = format!(
         "pgmux_replica_eligible{{database=\"{db}\",replica=\"127.0.0.1:{}\"}} 1",
         replica.port()
