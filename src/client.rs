@@ -74,9 +74,15 @@ async fn serve(app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) -> Result<()> {
     let login = tokio::time::timeout(login_timeout, Box::pin(login(app, &mut stream, addr))).await;
     let mut client = match login {
         Ok(Ok(Some(Login::Console(console)))) => {
-            let result =
-                crate::admin::serve(app, &mut stream, console.role, &console.registration.info)
-                    .await;
+            // Boxed: console sessions are rare, and their state would otherwise make
+            // every client task larger.
+            let result = Box::pin(crate::admin::serve(
+                app,
+                &mut stream,
+                console.role,
+                &console.registration.info,
+            ))
+            .await;
             if let Err(e) = &result {
                 tell(&mut stream, e).await;
             }
