@@ -44,10 +44,14 @@ async fn wait_rotation(mux: &pgmux::Running, db: &str, eligible: bool, limit: Du
 
 /// Whether an autocommit statement of `client` runs on the replica.
 async fn autocommit_on_replica(client: &tokio_postgres::Client) -> bool {
-    simple_value(client, "SELECT pg_is_in_recovery()")
+    match simple_value(client, "SELECT pg_is_in_recovery()")
         .await
         .as_deref()
-        == Some("t")
+    {
+        Some("t") => true,
+        Some("f") => false,
+        other => panic!("pg_is_in_recovery() returned {other:?}"),
+    }
 }
 
 /// Whether the transaction that `open` starts runs on the replica.
