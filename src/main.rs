@@ -85,6 +85,18 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // Signal handlers go in before the listener opens: a test or an init system may send
+    // SIGHUP as soon as the port answers, and SIGHUP's default action ends the process.
+    // A signal that arrives before its task runs is kept by tokio and seen then.
+    use tokio::signal::unix::{signal, SignalKind};
+    let hup = signal(SignalKind::hangup());
+    let mut stop = match StopSignals::install() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("pgmux: cannot handle SIGTERM/SIGINT: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let shutdown_timeout = config.pgmux.shutdown_timeout;
     let running = match pgmux::start(config).await {
         Ok(running) => running,
@@ -94,23 +106,21 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         }
     };
     running.app.set_config_path(&path);
-    // Installed before anything else can happen: SIGHUP's default action ends the process.
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
+    match hup {
         Ok(hup) => {
             tokio::spawn(reload_on_hangup(hup, std::sync::Arc::clone(&running.app)));
         }
         Err(e) => warn!(error = %e, "cannot handle SIGHUP; reload from the console only"),
     }
     tokio::select! {
-        _ = wait_for_stop_signal() => {}
+        _ = stop.recv() => {}
         // The console's SHUTDOWN.
         _ = running.app.shutdown.cancelled() => {}
     }
     info!("shutting down: no new clients; running transactions may finish");
     tokio::select! {
         _ = running.shutdown(shutdown_timeout) => {}
-        _ = wait_for_stop_signal() => warn!("second stop signal: exiting at once"),
+        _ = stop.recv() => warn!("second stop signal: exiting at once"),
     }
     info!("pgmux stopped");
     ExitCode::SUCCESS
@@ -125,13 +135,27 @@ async fn reload_on_hangup(mut hup: tokio::signal::unix::Signal, app: std::sync::
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, both of which begin a graceful shutdown (and a second one ends it
+/// at once).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
