@@ -145,7 +145,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let read = tokio::select! {
             read = stream.read_buf(&mut buf) => read,
             _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
-            _ = me.kill.cancelled() => return Err(Error::Killed),
+            _ = me.interrupt.raised(crate::interrupt::KILL) => return Err(Error::Killed),
         };
         match read {
             Ok(0) => return Ok(()),
@@ -240,7 +240,7 @@ async fn run(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                    _ = me.kill.cancelled() => return Err(fail("57P01", "killed")),
+                    _ = me.interrupt.raised(crate::interrupt::KILL) => return Err(fail("57P01", "killed")),
                     _ = app.shutdown.cancelled() => return Err(fail("57P01", "pgmux is shutting down")),
                 }
             }
@@ -272,7 +272,7 @@ async fn run(
             let mut killed = 0;
             for client in app.sessions() {
                 if !client.console && client.database == db {
-                    client.kill.cancel();
+                    client.interrupt.raise(crate::interrupt::KILL);
                     killed += 1;
                 }
             }
@@ -291,7 +291,7 @@ async fn run(
                 .into_iter()
                 .find(|c| c.id == id)
                 .ok_or_else(|| fail("42704", format!("no client with id {id}")))?;
-            client.kill.cancel();
+            client.interrupt.raise(crate::interrupt::KILL);
             warn!(client.id = id, client.addr = %client.addr, "console KILL_CLIENT");
             Ok(Reply::Done("KILL_CLIENT", None))
         }
@@ -301,7 +301,7 @@ async fn run(
         },
         "SHUTDOWN" => {
             warn!(user = %me.user, "console SHUTDOWN");
-            app.shutdown.cancel();
+            app.begin_shutdown();
             Ok(Reply::Done("SHUTDOWN", None))
         }
         "SET" => {

@@ -18,6 +18,7 @@ use crate::tls::{self, ClientStream, ClientTlsMode};
 use crate::cancel::SlotGuard;
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
+use crate::interrupt;
 use crate::params::{self, ParamSet, ParamValue};
 use crate::pool::Pool;
 use crate::prepared::{ClientStatements, Local};
@@ -609,7 +610,6 @@ impl Client {
     async fn transaction(&mut self, app: &Arc<App>) -> Result<bool> {
         // Read once per transaction: a reload's timeouts apply from the next one.
         let config = app.config();
-        let kill = self.registration.info.kill.clone();
         let choice = self.choose(&config).await?;
         let pool = choice.pool;
         let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
@@ -622,6 +622,8 @@ impl Client {
         limits.hold_for_retry = choice.retry;
         let mut hooks = CancelOnTimeout;
         let relayed = tokio::select! {
+            biased;
+            _ = self.registration.info.interrupt.raised(interrupt::KILL) => None,
             end = relay::run(
                 ClientEnd {
                     stream: &mut self.stream,
@@ -635,7 +637,6 @@ impl Client {
                 &limits,
                 &mut hooks,
             ) => Some(end),
-            _ = kill.cancelled() => None,
         };
         self.registration.info.set_state(ClientState::Idle, 0);
         let Some(end) = relayed else {
@@ -742,9 +743,17 @@ impl Client {
             // given here) may still sit in a TLS buffer, and the client waits for it.
             self.stream.flush().await.map_err(Error::ClientIo)?;
             let read = tokio::select! {
+                // First: a client that always has its next request ready still hears
+                // about a shutdown between transactions.
+                biased;
+                raised = self.registration.info.interrupt.raised(interrupt::KILL | interrupt::SHUTDOWN) => {
+                    return Err(if raised & interrupt::KILL != 0 {
+                        Error::Killed
+                    } else {
+                        Error::Shutdown
+                    });
+                }
                 read = self.stream.read_idle(&mut self.flow.buf, IDLE_BUFFER) => read,
-                _ = app.shutdown.cancelled() => return Err(Error::Shutdown),
-                _ = self.registration.info.kill.cancelled() => return Err(Error::Killed),
             };
             match read {
                 Ok(0) => return Ok(false),
@@ -968,8 +977,9 @@ impl Client {
     /// Takes a server from `pool` for the client and brings its session parameters in
     /// line; sends a `BEGIN` pgmux answered earlier.
     async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Server> {
-        let kill = self.registration.info.kill.clone();
-        let mut server = pool.checkout_unless(&kill).await?;
+        let mut server = pool
+            .checkout_unless(&self.registration.info.interrupt)
+            .await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });
             pool.release(server, clean);

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod interrupt;
 pub mod metrics;
 pub mod params;
 pub mod pool;
@@ -63,7 +64,7 @@ pub struct App {
     next_client_id: AtomicU64,
     /// Databases under PAUSE: pools created for them start paused too.
     paused: Mutex<HashSet<String>>,
-    /// Cancelled when pgmux starts shutting down.
+    /// Cancelled when pgmux starts shutting down, by [`App::begin_shutdown`] only.
     pub shutdown: CancellationToken,
     /// TLS towards clients, unless `client_tls_mode = "disable"`. A reload loads the
     /// certificates again; handshakes already under way keep the material they began
@@ -137,8 +138,8 @@ pub struct ClientInfo {
     since: AtomicU64,
     /// The attached server's id, 0 for none.
     server: AtomicU64,
-    /// Cancelled by KILL and KILL_CLIENT.
-    pub kill: CancellationToken,
+    /// Raised by KILL and KILL_CLIENT, and by shutdown.
+    pub interrupt: interrupt::Interrupt,
 }
 
 impl ClientInfo {
@@ -560,12 +561,16 @@ impl App {
             state: AtomicU8::new(ClientState::Idle as u8),
             since: AtomicU64::new(unix_micros(SystemTime::now())),
             server: AtomicU64::new(0),
-            kill: CancellationToken::new(),
+            interrupt: interrupt::Interrupt::default(),
         });
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(info.id, Arc::clone(&info));
+        // After the insert: a shutdown that began before it did not see this client.
+        if self.shutdown.is_cancelled() {
+            info.interrupt.raise(interrupt::SHUTDOWN);
+        }
         Registration {
             app: Arc::clone(self),
             info,
@@ -593,6 +598,16 @@ impl App {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Stops accepting clients and tells every client to leave once it holds no server
+    /// (console sessions at once).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for client in sessions.values() {
+            client.interrupt.raise(interrupt::SHUTDOWN);
+        }
     }
 
     /// Every logged-in client, by id.
@@ -735,7 +750,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting, ends idle clients, and waits up to `timeout` for the others.
     pub async fn shutdown(self, timeout: Duration) {
-        self.app.shutdown.cancel();
+        self.app.begin_shutdown();
         let _ = self.accept.await;
         let deadline = tokio::time::Instant::now() + timeout;
         while self.app.client_count() > 0 && tokio::time::Instant::now() < deadline {

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PoolSettings;
 use crate::error::{Error, Result};
+use crate::interrupt::{self, Interrupt};
 use crate::metrics::PoolMetrics;
 use crate::params::ParamSet;
 use crate::server::{Server, Target};
@@ -267,13 +267,13 @@ impl Pool {
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
     pub async fn checkout(self: &Arc<Self>) -> Result<Server> {
-        self.checkout_unless(&CancellationToken::new()).await
+        self.checkout_unless(&Interrupt::default()).await
     }
 
-    /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` fires
+    /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` is raised for KILL
     /// while the client waits (for a server, or for the end of a PAUSE). Opening a
     /// server is not interrupted: dropping that halfway would lose its slot.
-    pub async fn checkout_unless(self: &Arc<Self>, cancel: &CancellationToken) -> Result<Server> {
+    pub async fn checkout_unless(self: &Arc<Self>, cancel: &Interrupt) -> Result<Server> {
         let start = Instant::now();
         loop {
             let next = {
@@ -329,7 +329,7 @@ impl Pool {
                                 return Err(Error::PoolTimeout(timeout));
                             }
                         }
-                        _ = cancel.cancelled() => return Err(Error::Killed),
+                        _ = cancel.raised(interrupt::KILL) => return Err(Error::Killed),
                     }
                     continue;
                 }
@@ -362,12 +362,12 @@ impl Pool {
         mut rx: oneshot::Receiver<Result<Server>>,
         start: Instant,
         timeout: Duration,
-        cancel: &CancellationToken,
+        cancel: &Interrupt,
     ) -> Result<Server> {
         let remaining = timeout.saturating_sub(start.elapsed());
         let waited = tokio::select! {
             waited = tokio::time::timeout(remaining, &mut rx) => waited,
-            _ = cancel.cancelled() => {
+            _ = cancel.raised(interrupt::KILL) => {
                 rx.close();
                 // A server handed over at the same moment goes back to the pool.
                 if let Ok(Ok(server)) = rx.try_recv() {
