@@ -20,7 +20,7 @@ use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::params::{self, ParamSet, ParamValue};
-use crate::pool::Pool;
+use crate::pool::{Pool, Pooled};
 use crate::prepared::{ClientStatements, Local};
 use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
@@ -868,7 +868,7 @@ impl Client {
     /// again, for the primary.
     async fn give_back_refused(
         &mut self,
-        mut server: Server,
+        mut server: Pooled,
         pool: &Arc<Pool>,
         request: BytesMut,
     ) -> Result<()> {
@@ -976,7 +976,7 @@ impl Client {
 
     /// Takes a server from `pool` for the client and brings its session parameters in
     /// line; sends a `BEGIN` pgmux answered earlier.
-    async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Server> {
+    async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Pooled> {
         let mut server = pool
             .checkout_unless(&self.registration.info.interrupt)
             .await?;
@@ -1041,7 +1041,7 @@ impl Client {
 
     /// Gives the server back: clean if the client left it at a boundary, rolled back if
     /// it left mid-transaction but quiet, closed otherwise.
-    async fn detach(&mut self, mut server: Server, pool: &Arc<Pool>) {
+    async fn detach(&mut self, mut server: Pooled, pool: &Arc<Pool>) {
         self.cancel.slot.set_target(None);
         server.params = Arc::clone(&self.params);
         if let Some(statements) = self.statements.as_mut() {

@@ -21,6 +21,10 @@ use crate::metrics::PoolMetrics;
 use crate::params::ParamSet;
 use crate::server::{Server, Target};
 
+/// A server as the pool hands it around: boxed, so that a checkout, a hand-over to a
+/// waiter and a release move a pointer instead of the whole connection state.
+pub type Pooled = Box<Server>;
+
 /// ParameterStatus name/value pairs as a server sent them at login.
 pub type Reported = Arc<Vec<(String, String)>>;
 
@@ -173,6 +177,9 @@ pub struct Pool {
     pub stats: PoolStats,
     /// Tells clients queued behind a PAUSE that it is over.
     resumed: tokio::sync::Notify,
+    /// Tells the waiter-expiry task that the front of the queue (or the timeout) may
+    /// have changed, or that the pool is gone.
+    queue_changed: Arc<tokio::sync::Notify>,
     /// The distinct prepared statements of this pool's clients.
     pub statements: Arc<crate::prepared::Registry>,
     /// ParameterStatus values of the first server that logged in: what new clients are
@@ -186,7 +193,7 @@ pub struct Pool {
 
 struct State {
     settings: PoolSettings,
-    idle: Vec<Server>,
+    idle: Vec<Pooled>,
     waiters: VecDeque<Waiter>,
     /// Servers that exist or are being opened, attached or idle.
     open: usize,
@@ -203,7 +210,7 @@ struct State {
 }
 
 struct Waiter {
-    tx: oneshot::Sender<Result<Server>>,
+    tx: oneshot::Sender<Result<Pooled>>,
     since: Instant,
 }
 
@@ -241,12 +248,17 @@ impl Pool {
             metrics: PoolMetrics::new(database, user, replica),
             stats: PoolStats::default(),
             resumed: tokio::sync::Notify::new(),
+            queue_changed: Arc::new(tokio::sync::Notify::new()),
             statements,
             reported: Mutex::new(None),
             last_session: Mutex::new(None),
         });
         limit.register(&pool);
         tokio::spawn(upkeep(Arc::downgrade(&pool)));
+        tokio::spawn(expire_waiters(
+            Arc::downgrade(&pool),
+            Arc::clone(&pool.queue_changed),
+        ));
         pool
     }
 
@@ -266,14 +278,14 @@ impl Pool {
     }
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Server> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Pooled> {
         self.checkout_unless(&Interrupt::default()).await
     }
 
     /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` is raised for KILL
     /// while the client waits (for a server, or for the end of a PAUSE). Opening a
     /// server is not interrupted: dropping that halfway would lose its slot.
-    pub async fn checkout_unless(self: &Arc<Self>, cancel: &Interrupt) -> Result<Server> {
+    pub async fn checkout_unless(self: &Arc<Self>, cancel: &Interrupt) -> Result<Pooled> {
         let start = Instant::now();
         loop {
             let next = {
@@ -289,6 +301,10 @@ impl Pool {
                     // Waiters that gave up stay queued until a hand-out skips them or
                     // upkeep sweeps them: no scan of the queue per checkout.
                     st.waiters.push_back(Waiter { tx, since: start });
+                    if st.waiters.len() == 1 {
+                        // A new front: its deadline is the next one to watch.
+                        self.queue_changed.notify_one();
+                    }
                     self.refresh_gauges(&st);
                     let starved = st.open < st.settings.size;
                     Next::Wait(rx, st.settings.query_wait_timeout, starved)
@@ -339,7 +355,7 @@ impl Pool {
                         // server of another user's pool can make room.
                         self.limit.evict_idle_elsewhere(self);
                     }
-                    self.wait(rx, start, timeout, cancel).await?
+                    self.wait(rx, timeout, cancel).await?
                 }
             };
             if let Some(server) = self.usable(server) {
@@ -357,16 +373,18 @@ impl Pool {
         }
     }
 
+    /// Waits for a server handed over by `release`, or for the expiry task's timeout.
+    /// No timer per waiting client: the queue is in arrival order and shares one
+    /// timeout, so one timer for its front does (see [`expire_waiters`]).
     async fn wait(
         self: &Arc<Self>,
-        mut rx: oneshot::Receiver<Result<Server>>,
-        start: Instant,
+        mut rx: oneshot::Receiver<Result<Pooled>>,
         timeout: Duration,
         cancel: &Interrupt,
-    ) -> Result<Server> {
-        let remaining = timeout.saturating_sub(start.elapsed());
-        let waited = tokio::select! {
-            waited = tokio::time::timeout(remaining, &mut rx) => waited,
+    ) -> Result<Pooled> {
+        let handed = tokio::select! {
+            biased;
+            handed = &mut rx => handed,
             _ = cancel.raised(interrupt::KILL) => {
                 rx.close();
                 // A server handed over at the same moment goes back to the pool.
@@ -376,26 +394,43 @@ impl Pool {
                 return Err(Error::Killed);
             }
         };
-        match waited {
-            Ok(Ok(result)) => result,
+        match handed {
+            Ok(result) => result,
             // The pool dropped the waiter; only happens if the pool itself went away.
-            Ok(Err(_)) => Err(Error::PoolTimeout(timeout)),
-            Err(_) => {
-                rx.close();
-                // A server may have been handed over just as the timer fired.
-                match rx.try_recv() {
-                    Ok(result) => result,
-                    Err(_) => {
-                        self.metrics.wait.record(start.elapsed().as_secs_f64());
-                        Err(Error::PoolTimeout(timeout))
-                    }
-                }
-            }
+            Err(_) => Err(Error::PoolTimeout(timeout)),
         }
     }
 
+    /// Ends the waits that reached `query_wait_timeout` and returns when the next one
+    /// does, if anyone is waiting.
+    fn expire_due(&self) -> Option<Instant> {
+        let mut st = self.lock();
+        let timeout = st.settings.query_wait_timeout;
+        let now = Instant::now();
+        let mut expired = false;
+        while let Some(front) = st.waiters.front() {
+            let deadline = front.since + timeout;
+            if !front.tx.is_closed() && deadline > now {
+                if expired {
+                    self.refresh_gauges(&st);
+                }
+                return Some(deadline);
+            }
+            let waiter = st.waiters.pop_front().expect("a front waiter");
+            if !waiter.tx.is_closed() {
+                self.metrics.wait.record((now - waiter.since).as_secs_f64());
+                let _ = waiter.tx.send(Err(Error::PoolTimeout(timeout)));
+            }
+            expired = true;
+        }
+        if expired {
+            self.refresh_gauges(&st);
+        }
+        None
+    }
+
     /// Checks a server just taken from the pool; closes it if it died while idle.
-    fn usable(self: &Arc<Self>, mut server: Server) -> Option<Server> {
+    fn usable(self: &Arc<Self>, mut server: Pooled) -> Option<Pooled> {
         if server.is_usable_now() {
             return Some(server);
         }
@@ -407,7 +442,7 @@ impl Pool {
         None
     }
 
-    async fn open_server(&self) -> Result<Server> {
+    async fn open_server(&self) -> Result<Pooled> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
         let target = self
@@ -454,7 +489,7 @@ impl Pool {
                 if reported.is_none() {
                     *reported = Some(Arc::new(server.reported.clone()));
                 }
-                Ok(server)
+                Ok(Box::new(server))
             }
             Err(e) => {
                 warn!(
@@ -498,7 +533,7 @@ impl Pool {
 
     /// Returns a server after use. `clean` says the caller left it idle, outside any
     /// transaction, with nothing unread; otherwise it is closed.
-    pub fn release(self: &Arc<Self>, mut server: Server, clean: bool) {
+    pub fn release(self: &Arc<Self>, mut server: Pooled, clean: bool) {
         let mut st = self.lock();
         let expired = !st.settings.server_lifetime.is_zero()
             && server.created.elapsed() >= st.settings.server_lifetime;
@@ -549,7 +584,7 @@ impl Pool {
     }
 
     /// Closes a server for good and, if clients are waiting, opens a replacement.
-    pub fn close(self: &Arc<Self>, server: Server) {
+    pub fn close(self: &Arc<Self>, server: Pooled) {
         debug!(server.id = server.id, "server connection closed");
         self.metrics.servers_closed.increment(1);
         if let Some(statements) = &server.prepared {
@@ -702,6 +737,8 @@ impl Pool {
                 return;
             }
             st.settings = settings;
+            // The timeout may have changed: the front waiter's deadline with it.
+            self.queue_changed.notify_one();
             let mut surplus = Vec::new();
             while st.open - surplus.len() > st.settings.size && !st.idle.is_empty() {
                 surplus.push(st.idle.remove(0));
@@ -838,7 +875,7 @@ impl Pool {
             }
         }
         // Servers that died while idle are found here too, not only at checkout.
-        let dead: Vec<Server> = {
+        let dead: Vec<Pooled> = {
             let mut st = self.lock();
             let mut dead = Vec::new();
             let mut i = 0;
@@ -858,15 +895,13 @@ impl Pool {
     }
 }
 
-// The Server is moved out at once; boxing it would allocate on every checkout.
-#[allow(clippy::large_enum_variant)]
 enum Next {
-    Idle(Server),
+    Idle(Pooled),
     Open,
     /// PAUSE is in force; wait for RESUME (within query_wait_timeout).
     Paused(Duration),
     /// The flag says the wait is caused by the database-wide limit, not the pool size.
-    Wait(oneshot::Receiver<Result<Server>>, Duration, bool),
+    Wait(oneshot::Receiver<Result<Pooled>>, Duration, bool),
 }
 
 /// The servers open to one database across the pools of all its users, bounded by
@@ -1064,6 +1099,38 @@ fn mark(st: &mut State, id: u64, active: bool) {
     if let Some(info) = st.servers.get_mut(&id) {
         info.active = active;
         info.since = SystemTime::now();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Lets the expiry task see that the pool is gone.
+        self.queue_changed.notify_one();
+    }
+}
+
+/// Fails the waits of a pool's clients that reach `query_wait_timeout`, until the pool
+/// is dropped. It sleeps until the deadline of the front waiter, or until a new front
+/// arrives or the settings change.
+///
+/// Only the front is watched. A client that queues again (its server turned out dead)
+/// keeps its first arrival time behind clients that came later, and is failed when it
+/// reaches the front: up to one more timeout late.
+async fn expire_waiters(pool: Weak<Pool>, queue_changed: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = match pool.upgrade() {
+            Some(pool) => pool.expire_due(),
+            None => return,
+        };
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = queue_changed.notified() => {}
+                }
+            }
+            None => queue_changed.notified().await,
+        }
     }
 }
 

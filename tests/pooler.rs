@@ -233,14 +233,27 @@ async fn query_wait_timeout_disconnects_the_waiting_client() {
     let holder = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
 
-    let waiter = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
-    let err = waiter.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    assert!(message(&err).contains("query_wait_timeout"), "{err:?}");
-    assert!(
-        waiter.batch_execute("SELECT 1").await.is_err(),
-        "connection is closed"
-    );
+    // Several waiters, queued one behind the other: each one's wait ends in turn.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let db = db.clone();
+        waiting.push(tokio::spawn(async move {
+            let waiter = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+            let err = waiter.batch_execute("SELECT 1").await.unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+            assert!(message(&err).contains("query_wait_timeout"), "{err:?}");
+            assert!(
+                waiter.batch_execute("SELECT 1").await.is_err(),
+                "connection is closed"
+            );
+        }));
+    }
+    for waiter in waiting {
+        tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the wait ended")
+            .unwrap();
+    }
 
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(mux.app.pool_snapshot(&db, "app").unwrap().waiting, 0);
