@@ -99,9 +99,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 tag::TERMINATE => return Ok(()),
                 tag::QUERY if !skipping => {
                     let text = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body));
-                    me.set_state(ClientState::Active, 0);
+                    me.set_state(ClientState::Active, 0, std::time::Instant::now());
                     let reply = run(app, role, me, text.trim()).await;
-                    me.set_state(ClientState::Idle, 0);
+                    me.set_state(ClientState::Idle, 0, std::time::Instant::now());
                     write_reply(&mut out, reply);
                     backend::ready_for_query(&mut out, b'I');
                 }
@@ -583,7 +583,7 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                             host.clone(),
                             port.to_string(),
                             time(s.connected_at),
-                            time(s.since),
+                            time(crate::wall_time(s.since)),
                             s.pid.to_string(),
                             clients.get(&s.id).map(u64::to_string).unwrap_or_default(),
                             s.id.to_string(),

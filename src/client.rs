@@ -31,10 +31,6 @@ use crate::routing::request;
 use crate::server::Server;
 use crate::{App, ClientState, Pools};
 
-/// Read buffer a client takes when it sends a request; it is given back once the
-/// transaction ends and the buffer is empty, so idle clients hold none.
-const IDLE_BUFFER: usize = 4 * 1024;
-
 /// Entry point for an accepted connection.
 pub async fn handle(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
     // db and user are filled in once the startup packet names them.
@@ -601,7 +597,7 @@ impl Client {
             if !Box::pin(self.transaction(app)).await? {
                 return Ok(());
             }
-            self.flow.shrink_if_idle(0);
+            self.flow.release_if_empty();
         }
     }
 
@@ -613,11 +609,14 @@ impl Client {
         let choice = self.choose(&config).await?;
         let pool = choice.pool;
         let request = choice.retry.then(|| BytesMut::from(self.flow.pending()));
-        self.registration.info.set_state(ClientState::Waiting, 0);
-        let mut server = self.attach(&pool).await?;
+        let started = std::time::Instant::now();
         self.registration
             .info
-            .set_state(ClientState::Active, server.id);
+            .set_state(ClientState::Waiting, 0, started);
+        let mut server = self.attach(&pool, started).await?;
+        self.registration
+            .info
+            .set_state(ClientState::Active, server.id, server.last_used);
         let mut limits = self.limits(&config, &pool);
         limits.hold_for_retry = choice.retry;
         let mut hooks = CancelOnTimeout;
@@ -638,7 +637,13 @@ impl Client {
                 &mut hooks,
             ) => Some(end),
         };
-        self.registration.info.set_state(ClientState::Idle, 0);
+        let ended = self
+            .tracker
+            .last_ready()
+            .unwrap_or_else(std::time::Instant::now);
+        self.registration
+            .info
+            .set_state(ClientState::Idle, 0, ended);
         let Some(end) = relayed else {
             // Killed mid-transaction: the server's state is unknown, so it goes.
             self.cancel.slot.set_target(None);
@@ -753,7 +758,7 @@ impl Client {
                         Error::Shutdown
                     });
                 }
-                read = self.stream.read_idle(&mut self.flow.buf, IDLE_BUFFER) => read,
+                read = self.stream.read_idle(&mut self.flow.buf) => read,
             };
             match read {
                 Ok(0) => return Ok(false),
@@ -976,9 +981,9 @@ impl Client {
 
     /// Takes a server from `pool` for the client and brings its session parameters in
     /// line; sends a `BEGIN` pgmux answered earlier.
-    async fn attach(&mut self, pool: &Arc<Pool>) -> Result<Pooled> {
+    async fn attach(&mut self, pool: &Arc<Pool>, started: std::time::Instant) -> Result<Pooled> {
         let mut server = pool
-            .checkout_unless(&self.registration.info.interrupt)
+            .checkout_unless(&self.registration.info.interrupt, started)
             .await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod buffers;
 pub mod cancel;
 pub mod client;
 pub mod config;
@@ -32,7 +33,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -143,11 +144,12 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
-    pub fn set_state(&self, state: ClientState, server: u64) {
+    /// Records a state change that happened `at` (a time the caller read anyway, so the
+    /// clock is not read again per change).
+    pub fn set_state(&self, state: ClientState, server: u64, at: Instant) {
         self.state.store(state as u8, Ordering::Relaxed);
         self.server.store(server, Ordering::Relaxed);
-        self.since
-            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.since.store(anchor_micros(at), Ordering::Relaxed);
     }
 
     pub fn state(&self) -> ClientState {
@@ -160,11 +162,28 @@ impl ClientInfo {
 
     /// When the state last changed.
     pub fn since(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_micros(self.since.load(Ordering::Relaxed))
+        wall_time(*ANCHOR + Duration::from_micros(self.since.load(Ordering::Relaxed)))
     }
 
     pub fn server(&self) -> u64 {
         self.server.load(Ordering::Relaxed)
+    }
+}
+
+/// The origin of the times kept as plain numbers: monotonic, so a state change costs one
+/// clock read, and turned into wall-clock time only when the console shows it.
+static ANCHOR: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn anchor_micros(at: Instant) -> u64 {
+    at.saturating_duration_since(*ANCHOR).as_micros() as u64
+}
+
+/// The wall-clock time of a monotonic instant, for display.
+pub(crate) fn wall_time(at: Instant) -> SystemTime {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    match now.checked_duration_since(at) {
+        Some(ago) => wall - ago,
+        None => wall + at.duration_since(now),
     }
 }
 
@@ -379,6 +398,7 @@ pub struct ReloadSummary {
 impl App {
     /// Fails if the TLS certificates or keys cannot be loaded.
     pub fn new(config: Config) -> Result<Arc<App>, config::ConfigError> {
+        std::sync::LazyLock::force(&ANCHOR);
         let tls = RwLock::new(tls::acceptor(&config)?.map(Arc::new));
         let server_tls = tls::connector(&config)?;
         Ok(Arc::new(App {
@@ -559,7 +579,7 @@ impl App {
             connected_at: SystemTime::now(),
             console,
             state: AtomicU8::new(ClientState::Idle as u8),
-            since: AtomicU64::new(unix_micros(SystemTime::now())),
+            since: AtomicU64::new(anchor_micros(Instant::now())),
             server: AtomicU64::new(0),
             interrupt: interrupt::Interrupt::default(),
         });

@@ -148,7 +148,7 @@ pub struct ServerInfo {
     pub pid: i32,
     pub connected_at: SystemTime,
     /// When it last changed between idle and in use.
-    pub since: SystemTime,
+    pub since: Instant,
     pub active: bool,
     /// Protocol-level prepared statements pgmux holds on it, as of its last release.
     pub prepared: usize,
@@ -279,14 +279,19 @@ impl Pool {
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
     pub async fn checkout(self: &Arc<Self>) -> Result<Pooled> {
-        self.checkout_unless(&Interrupt::default()).await
+        self.checkout_unless(&Interrupt::default(), Instant::now())
+            .await
     }
 
     /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` is raised for KILL
     /// while the client waits (for a server, or for the end of a PAUSE). Opening a
-    /// server is not interrupted: dropping that halfway would lose its slot.
-    pub async fn checkout_unless(self: &Arc<Self>, cancel: &Interrupt) -> Result<Pooled> {
-        let start = Instant::now();
+    /// server is not interrupted: dropping that halfway would lose its slot. The wait is
+    /// counted from `start`; the server's `last_used` is set to when it was handed out.
+    pub async fn checkout_unless(
+        self: &Arc<Self>,
+        cancel: &Interrupt,
+        start: Instant,
+    ) -> Result<Pooled> {
         loop {
             let next = {
                 let mut st = self.lock();
@@ -358,15 +363,17 @@ impl Pool {
                     self.wait(rx, timeout, cancel).await?
                 }
             };
-            if let Some(server) = self.usable(server) {
-                let waited = start.elapsed();
+            if let Some(mut server) = self.usable(server) {
+                let now = Instant::now();
+                let waited = now.saturating_duration_since(start);
+                server.last_used = now;
                 self.metrics.wait.record(waited.as_secs_f64());
                 self.stats
                     .wait_us
                     .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
-                mark(&mut st, server.id, true);
+                mark(&mut st, server.id, true, now);
                 self.refresh_gauges(&st);
                 return Ok(server);
             }
@@ -461,14 +468,13 @@ impl Pool {
             let mut st = self.lock();
             st.connecting -= 1;
             if let Ok(server) = &result {
-                let now = SystemTime::now();
                 st.servers.insert(
                     id,
                     ServerInfo {
                         id,
                         pid: server.cancel_key.process_id,
-                        connected_at: now,
-                        since: now,
+                        connected_at: SystemTime::now(),
+                        since: Instant::now(),
                         active: true,
                         prepared: 0,
                         generation,
@@ -534,9 +540,10 @@ impl Pool {
     /// Returns a server after use. `clean` says the caller left it idle, outside any
     /// transaction, with nothing unread; otherwise it is closed.
     pub fn release(self: &Arc<Self>, mut server: Pooled, clean: bool) {
+        let now = Instant::now();
         let mut st = self.lock();
         let expired = !st.settings.server_lifetime.is_zero()
-            && server.created.elapsed() >= st.settings.server_lifetime;
+            && now.saturating_duration_since(server.created) >= st.settings.server_lifetime;
         let retired = st
             .servers
             .get(&server.id)
@@ -557,11 +564,11 @@ impl Pool {
             self.close(server);
             return;
         }
-        server.last_used = Instant::now();
+        server.last_used = now;
         if let Some(info) = st.servers.get_mut(&server.id) {
             info.prepared = server.prepared.as_ref().map_or(0, |p| p.len());
         }
-        mark(&mut st, server.id, false);
+        mark(&mut st, server.id, false, now);
         if st.paused {
             st.idle.push(server);
             self.refresh_gauges(&st);
@@ -571,7 +578,7 @@ impl Pool {
             let id = server.id;
             match waiter.tx.send(Ok(server)) {
                 Ok(()) => {
-                    mark(&mut st, id, true);
+                    mark(&mut st, id, true, now);
                     self.refresh_gauges(&st);
                     return;
                 }
@@ -1095,10 +1102,10 @@ impl Drop for Held<'_> {
 }
 
 /// Records whether a server is attached to a client, for SHOW SERVERS.
-fn mark(st: &mut State, id: u64, active: bool) {
+fn mark(st: &mut State, id: u64, active: bool, at: Instant) {
     if let Some(info) = st.servers.get_mut(&id) {
         info.active = active;
-        info.since = SystemTime::now();
+        info.since = at;
     }
 }
 

@@ -183,10 +183,10 @@ impl Flow {
         self.ready += insert.len();
     }
 
-    /// Gives memory back after a burst, so idle clients stay small.
-    pub fn shrink_if_idle(&mut self, keep: usize) {
-        if self.buf.is_empty() && self.buf.capacity() > keep {
-            self.buf = BytesMut::new();
+    /// Gives the read buffer back once it is empty, so idle clients stay small.
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            crate::buffers::give(std::mem::take(&mut self.buf));
         }
     }
 }
@@ -221,12 +221,20 @@ pub struct Tracker {
     /// transaction's first request was: for the duration histograms and SHOW STATS.
     query_started: Option<Instant>,
     xact_started: Option<Instant>,
+    /// When the last ReadyForQuery came: the end of the transaction, for SHOW CLIENTS,
+    /// without reading the clock again.
+    last_ready: Option<Instant>,
     /// A statement ran whose completion does not rule out a write: anything but the
     /// session and transaction-control commands that never touch data.
     wrote: bool,
 }
 
 impl Tracker {
+    /// When the last ReadyForQuery came, if one has.
+    pub fn last_ready(&self) -> Option<std::time::Instant> {
+        self.last_ready.map(Instant::into_std)
+    }
+
     /// No request outstanding and no extended batch half sent.
     pub fn quiet(&self) -> bool {
         self.pending == 0 && !self.unsynced
@@ -782,6 +790,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         }
         // Pipelined requests: the next one's time runs from this answer on.
         t.query_started = (t.pending > 0).then_some(now);
+        t.last_ready = Some(now);
         if status == b'I' {
             m.transactions.increment(1);
             stats.transactions.fetch_add(1, Relaxed);

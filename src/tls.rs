@@ -466,13 +466,15 @@ pub enum ServerStream {
 }
 
 impl ClientStream {
-    /// Reads what the client sends next into `buf`, taking `chunk` bytes of buffer only
+    /// Reads what the client sends next into `buf`, taking a buffer only
     /// once the socket has data: a plaintext client that sends nothing holds no buffer
     /// at all. (A TLS stream reads through its own buffers and gets one at once.)
-    pub async fn read_idle(&mut self, buf: &mut BytesMut, chunk: usize) -> std::io::Result<usize> {
+    pub async fn read_idle(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         let reserve = |buf: &mut BytesMut| {
-            if buf.capacity() - buf.len() < 512 {
-                buf.reserve(chunk);
+            if buf.capacity() == 0 {
+                *buf = crate::buffers::take();
+            } else if buf.capacity() - buf.len() < 512 {
+                buf.reserve(crate::buffers::CHUNK);
             }
         };
         match self {
@@ -489,7 +491,7 @@ impl ClientStream {
                         // Readiness was stale (left over from login): give the buffer
                         // back while waiting for real data.
                         if buf.is_empty() {
-                            *buf = BytesMut::new();
+                            crate::buffers::give(std::mem::take(buf));
                         }
                     }
                 }

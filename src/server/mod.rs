@@ -94,6 +94,7 @@ pub struct Server {
     pub reported: Vec<(String, String)>,
     pub id: u64,
     pub created: Instant,
+    /// When it last changed hands: handed to a client, or given back to the pool.
     pub last_used: Instant,
     /// Set when the connection can no longer be trusted (FATAL seen, I/O failure).
     pub broken: bool,
