@@ -61,6 +61,11 @@ pub struct General {
     /// Prometheus endpoint; `/metrics` is served here. Unset disables it.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads that serve clients. 1 runs everything on one thread, which costs the
+    /// least CPU per transaction; 0 starts one per CPU core; more spread clients over
+    /// that many threads (for when one thread is saturated). Needs a restart.
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: usize,
     #[serde(default = "defaults::pool_mode")]
     pub pool_mode: PoolMode,
     /// Server connections per (database, user) unless a database overrides it.
@@ -312,6 +317,9 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if g.worker_threads > 1024 {
+            return Err(invalid("pgmux.worker_threads", "must be at most 1024"));
+        }
         if g.max_client_conn == 0 {
             return Err(invalid("pgmux.max_client_conn", "must be at least 1"));
         }
@@ -493,6 +501,7 @@ impl Config {
                 "metrics_listen",
                 g.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
             ),
+            ("worker_threads", g.worker_threads.to_string()),
             ("pool_mode", mode(g.pool_mode).to_string()),
             ("default_pool_size", g.default_pool_size.to_string()),
             ("min_pool_size", g.min_pool_size.to_string()),
@@ -581,6 +590,9 @@ mod defaults {
 
     pub fn listen() -> SocketAddr {
         "127.0.0.1:6432".parse().expect("constant address")
+    }
+    pub fn worker_threads() -> usize {
+        1
     }
     pub fn pool_mode() -> PoolMode {
         PoolMode::Transaction

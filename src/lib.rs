@@ -476,6 +476,10 @@ impl App {
             config.pgmux.metrics_listen = prev.config.pgmux.metrics_listen;
             summary.ignored.push("metrics_listen");
         }
+        if config.pgmux.worker_threads != prev.config.pgmux.worker_threads {
+            config.pgmux.worker_threads = prev.config.pgmux.worker_threads;
+            summary.ignored.push("worker_threads");
+        }
         // Certificates and keys are read again on every reload, so that renewed files
         // take effect for new handshakes; a file that cannot be loaded fails the whole
         // reload. Server-side TLS is rebuilt only when its settings changed: a new
