@@ -30,12 +30,12 @@ pub struct Registry {
 pub struct Slot {
     pub process_id: i32,
     pub secret_key: i32,
-    target: Mutex<Option<CancelKey>>,
+    target: Mutex<Option<Arc<CancelKey>>>,
 }
 
 impl Slot {
     /// Records the server attached to the client (or none).
-    pub fn set_target(&self, key: Option<CancelKey>) {
+    pub fn set_target(&self, key: Option<Arc<CancelKey>>) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = key;
     }
 }

@@ -1005,7 +1005,9 @@ impl Client {
                 }
             }
         }
-        self.cancel.slot.set_target(Some(server.cancel_key.clone()));
+        self.cancel
+            .slot
+            .set_target(Some(Arc::clone(&server.cancel_key)));
         Ok(server)
     }
 
@@ -1138,7 +1140,7 @@ struct CancelOnTimeout;
 
 impl relay::Hooks for CancelOnTimeout {
     fn query_timed_out(&mut self, server: &Server) {
-        let key = server.cancel_key.clone();
+        let key = Arc::clone(&server.cancel_key);
         tokio::spawn(async move { crate::cancel::send(&key).await });
     }
 }

@@ -113,13 +113,13 @@ async fn relay_once(client_bytes: &[u8], server_bytes: &[u8]) -> std::io::Result
     let mut server = Server {
         stream: crate::tls::ServerStream::Plain(ours),
         flow: Flow::with_capacity(1024),
-        cancel_key: CancelKey {
+        cancel_key: Arc::new(CancelKey {
             addr: Arc::from("127.0.0.1:1"),
             process_id: 0,
             secret_key: 0,
             host: Arc::from("127.0.0.1"),
             tls: None,
-        },
+        }),
         params: Arc::new(ParamSet::default()),
         reported: Vec::new(),
         id: 0,

@@ -207,6 +207,8 @@ struct State {
     held: Vec<Instant>,
     /// Every server that exists, idle or attached.
     servers: BTreeMap<u64, ServerInfo>,
+    /// The gauge values last set, so that only the ones that changed are set again.
+    shown: [usize; 6],
 }
 
 struct Waiter {
@@ -244,6 +246,7 @@ impl Pool {
                 paused: false,
                 held: Vec::new(),
                 servers: BTreeMap::new(),
+                shown: [usize::MAX; 6],
             }),
             metrics: PoolMetrics::new(database, user, replica),
             stats: PoolStats::default(),
@@ -310,7 +313,7 @@ impl Pool {
                         // A new front: its deadline is the next one to watch.
                         self.queue_changed.notify_one();
                     }
-                    self.refresh_gauges(&st);
+                    self.refresh_gauges(&mut st);
                     let starved = st.open < st.settings.size;
                     Next::Wait(rx, st.settings.query_wait_timeout, starved)
                 }
@@ -336,7 +339,7 @@ impl Pool {
                             continue;
                         }
                         st.held.push(start);
-                        self.refresh_gauges(&st);
+                        self.refresh_gauges(&mut st);
                         Held {
                             pool: self,
                             since: start,
@@ -374,7 +377,7 @@ impl Pool {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
                 mark(&mut st, server.id, true, now);
-                self.refresh_gauges(&st);
+                self.refresh_gauges(&mut st);
                 return Ok(server);
             }
         }
@@ -419,7 +422,7 @@ impl Pool {
             let deadline = front.since + timeout;
             if !front.tx.is_closed() && deadline > now {
                 if expired {
-                    self.refresh_gauges(&st);
+                    self.refresh_gauges(&mut st);
                 }
                 return Some(deadline);
             }
@@ -431,7 +434,7 @@ impl Pool {
             expired = true;
         }
         if expired {
-            self.refresh_gauges(&st);
+            self.refresh_gauges(&mut st);
         }
         None
     }
@@ -460,7 +463,7 @@ impl Pool {
         let timeout = {
             let mut st = self.lock();
             st.connecting += 1;
-            self.refresh_gauges(&st);
+            self.refresh_gauges(&mut st);
             st.settings.server_connect_timeout
         };
         let result = Server::connect(&target, id, timeout).await;
@@ -481,7 +484,7 @@ impl Pool {
                     },
                 );
             }
-            self.refresh_gauges(&st);
+            self.refresh_gauges(&mut st);
         }
         match result {
             Ok(server) => {
@@ -532,7 +535,7 @@ impl Pool {
         let mut st = self.lock();
         self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
         drop(st);
         self.limit.wake_others(self);
     }
@@ -571,7 +574,7 @@ impl Pool {
         mark(&mut st, server.id, false, now);
         if st.paused {
             st.idle.push(server);
-            self.refresh_gauges(&st);
+            self.refresh_gauges(&mut st);
             return;
         }
         while let Some(waiter) = st.waiters.pop_front() {
@@ -579,7 +582,7 @@ impl Pool {
             match waiter.tx.send(Ok(server)) {
                 Ok(()) => {
                     mark(&mut st, id, true, now);
-                    self.refresh_gauges(&st);
+                    self.refresh_gauges(&mut st);
                     return;
                 }
                 Err(Ok(returned)) => server = returned,
@@ -587,7 +590,7 @@ impl Pool {
             }
         }
         st.idle.push(server);
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
     }
 
     /// Closes a server for good and, if clients are waiting, opens a replacement.
@@ -606,7 +609,7 @@ impl Pool {
         st.servers.remove(&id);
         self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
         drop(st);
         self.limit.wake_others(self);
     }
@@ -632,7 +635,7 @@ impl Pool {
                             break;
                         }
                     }
-                    pool.refresh_gauges(&st);
+                    pool.refresh_gauges(&mut st);
                     drop(st);
                     pool.limit.wake_others(&pool);
                 }
@@ -688,16 +691,16 @@ impl Pool {
     pub fn client_connected(&self) {
         let mut st = self.lock();
         st.clients += 1;
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
     }
 
     pub fn client_disconnected(&self) {
         let mut st = self.lock();
         st.clients -= 1;
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
     }
 
-    fn refresh_gauges(&self, st: &State) {
+    fn refresh_gauges(&self, st: &mut State) {
         let m = &self.metrics;
         // Counts waiters that gave up since the last upkeep too; exact counts would
         // cost a scan of the queue on every checkout and release.
@@ -709,13 +712,34 @@ impl Pool {
             0
         };
         self.starved.store(starved, Ordering::Relaxed);
-        m.clients.set(st.clients as f64);
-        m.clients_waiting.set(waiting as f64);
-        m.servers_idle.set(st.idle.len() as f64);
-        m.servers_total.set(st.open as f64);
-        m.servers_connecting.set(st.connecting as f64);
-        m.servers_active
-            .set((st.open - st.idle.len() - st.connecting) as f64);
+        // Called on every checkout and release; most values stay the same from one call
+        // to the next, and setting a gauge costs more than comparing.
+        let active = st.open - st.idle.len() - st.connecting;
+        let values = [
+            st.clients,
+            waiting,
+            st.idle.len(),
+            st.open,
+            st.connecting,
+            active,
+        ];
+        if values == st.shown {
+            return;
+        }
+        let gauges = [
+            &m.clients,
+            &m.clients_waiting,
+            &m.servers_idle,
+            &m.servers_total,
+            &m.servers_connecting,
+            &m.servers_active,
+        ];
+        for i in 0..values.len() {
+            if st.shown[i] != values[i] {
+                gauges[i].set(values[i] as f64);
+            }
+        }
+        st.shown = values;
     }
 
     /// Current counts, for tests and the admin console.
@@ -756,7 +780,7 @@ impl Pool {
                 }
                 self.refill_for_waiters(&mut st);
             }
-            self.refresh_gauges(&st);
+            self.refresh_gauges(&mut st);
             surplus
         };
         for server in surplus {
@@ -812,7 +836,7 @@ impl Pool {
         for _ in 0..st.waiters.len() {
             self.refill_for_waiters(&mut st);
         }
-        self.refresh_gauges(&st);
+        self.refresh_gauges(&mut st);
         drop(st);
         self.resumed.notify_waiters();
     }
@@ -1000,7 +1024,7 @@ impl DbLimit {
             if pool.starved.load(Ordering::Relaxed) > 0 {
                 let mut st = pool.lock();
                 pool.refill_for_waiters(&mut st);
-                pool.refresh_gauges(&st);
+                pool.refresh_gauges(&mut st);
             }
         }
     }
@@ -1097,7 +1121,7 @@ impl Drop for Held<'_> {
         if let Some(i) = st.held.iter().position(|t| *t == self.since) {
             st.held.swap_remove(i);
         }
-        self.pool.refresh_gauges(&st);
+        self.pool.refresh_gauges(&mut st);
     }
 }
 

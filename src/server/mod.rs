@@ -87,7 +87,9 @@ pub struct Server {
     pub stream: crate::tls::ServerStream,
     /// Bytes read from the server and not yet delivered; see [`crate::relay::Flow`].
     pub flow: crate::relay::Flow,
-    pub cancel_key: CancelKey,
+    /// Shared with the cancel slot of the client it serves: handing it over is one
+    /// reference count, not three.
+    pub cancel_key: Arc<CancelKey>,
     /// Session parameters as last applied to this connection.
     pub params: SharedParams,
     /// ParameterStatus values reported at login: the server's defaults.
@@ -157,13 +159,13 @@ impl Server {
         let mut server = Server {
             stream,
             flow: crate::relay::Flow::with_capacity(READ_CHUNK),
-            cancel_key: CancelKey {
+            cancel_key: Arc::new(CancelKey {
                 addr: Arc::from(addr),
                 process_id: 0,
                 secret_key: 0,
                 host: Arc::from(target.host.as_str()),
                 tls: target.tls.clone(),
-            },
+            }),
             params: Arc::new(ParamSet::default()),
             reported: Vec::new(),
             id,
@@ -280,8 +282,9 @@ impl Server {
                     self.reported.push((name.to_string(), value.to_string()));
                 }
                 Message::BackendKeyData(body) => {
-                    self.cancel_key.process_id = body.process_id();
-                    self.cancel_key.secret_key = body.secret_key();
+                    let key = Arc::make_mut(&mut self.cancel_key);
+                    key.process_id = body.process_id();
+                    key.secret_key = body.secret_key();
                 }
                 Message::NoticeResponse(_) => {}
                 Message::ReadyForQuery(_) => return Ok(()),
