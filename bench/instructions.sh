@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Instructions pgmux executes per pgbench transaction, counted by valgrind's callgrind.
+#
+#   bench/instructions.sh [simple|extended|prepared]      (default simple)
+#
+# Timing on a shared 2-core machine moves by 10% or more between runs; an instruction
+# count does not, so this is the number to compare before and after a change to the
+# hot path (it does not show cache misses or lock contention: confirm a gain with
+# bench/run.sh). It starts a throwaway PostgreSQL (pgbench scale 1, trust on loopback),
+# then pgmux under callgrind twice, with the metrics endpoint on as in bench/run.sh,
+# and runs `pgbench -S -c CLIENTS -j 2 -t N` through it: once with 10 transactions per
+# client, once with 60. The difference of the two totals, divided by the extra
+# transactions, is the cost of one transaction with logins and start-up taken out.
+#
+# Environment: PGMUX_BIN (default: cargo build --release, target/release/pgmux),
+# PG_BIN (default /usr/lib/postgresql/15/bin), BENCH_CLIENTS (default 100; more than the
+# pool of 20, so clients queue for servers as at 500), BENCH_PG_PORT (default 25442),
+# BENCH_PGMUX_PORT (default 26442). Needs root (PostgreSQL runs as `postgres`) and
+# valgrind (installed with apt-get when missing).
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+. "$BENCH_DIR/lib.sh"
+
+PROTOCOL=${1:-simple}
+case $PROTOCOL in simple | extended | prepared) ;; *)
+    echo "instructions.sh: protocol must be simple, extended or prepared" >&2
+    exit 2
+    ;;
+esac
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+PG_PORT=${BENCH_PG_PORT:-25442}
+MUX_PORT=${BENCH_PGMUX_PORT:-26442}
+CLIENTS=${BENCH_CLIENTS:-100}
+
+if ! command -v valgrind >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
+fi
+if [ -z "${PGMUX_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --release -q)
+    PGMUX_BIN=$ROOT/target/release/pgmux
+fi
+
+TMP=$(mktemp -d /tmp/pgmux-instructions.XXXXXX)
+chown postgres "$TMP"
+MUX_PID=
+cleanup() {
+    set +e
+    stop_pid "$MUX_PID"
+    pg "$PG_BIN/pg_ctl" stop -D "$TMP/data" -m immediate >/dev/null 2>&1
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+pg "$PG_BIN/initdb" -D "$TMP/data" -U postgres -N --auth=trust >/dev/null
+cat >>"$TMP/data/postgresql.conf" <<CONF
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$TMP'
+fsync = off
+max_connections = 200
+CONF
+pg "$PG_BIN/pg_ctl" start -D "$TMP/data" -l "$TMP/postgres.log" -w >/dev/null
+"$PG_BIN/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
+
+cat >"$TMP/pgmux.toml" <<CONF
+[pgmux]
+listen = "127.0.0.1:$MUX_PORT"
+metrics_listen = "127.0.0.1:$((MUX_PORT + 1))"
+auth_type = "trust"
+default_pool_size = 20
+[users.postgres]
+password = "unused"
+[databases.postgres]
+host = "127.0.0.1"
+port = $PG_PORT
+CONF
+
+# Total instructions of one pgmux process that served CLIENTS x $1 transactions.
+count() {
+    local out=$TMP/callgrind.$1
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$PGMUX_BIN" -c "$TMP/pgmux.toml" \
+        --log-level warn 2>"$TMP/valgrind.log" &
+    MUX_PID=$!
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$MUX_PORT") 2>/dev/null && break
+        sleep 0.1
+    done
+    "$PG_BIN/pgbench" -n -S -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$1" \
+        -h 127.0.0.1 -p "$MUX_PORT" -U postgres postgres >"$TMP/pgbench.$1" 2>&1 ||
+        { cat "$TMP/pgbench.$1" >&2; exit 1; }
+    kill -INT "$MUX_PID"
+    wait "$MUX_PID" || true
+    MUX_PID=
+    awk '/^summary:/ {print $2}' "$out"
+}
+
+few=$(count 10)
+many=$(count 60)
+python3 -c "print(f'instructions per transaction (-M $PROTOCOL, $CLIENTS clients): {($many - $few) / (50 * $CLIENTS):.0f}')"
