@@ -327,10 +327,12 @@ async fn login(
         }
         backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
         backend::ready_for_query(&mut out, b'I');
-        send(stream, &out).await?;
-        debug!(role = ?role, "console session opened");
+        // Listed before the client hears it is logged in, so that the console shows
+        // every client that has been told so, in the order they were.
         let registration =
             app.register(addr, crate::ADMIN_DATABASE, &user, &application_name, true);
+        send(stream, &out).await?;
+        debug!(role = ?role, "console session opened");
         return Ok(Some(Login::Console(Console {
             role,
             registration,
@@ -372,13 +374,14 @@ async fn login(
     }
     backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
     backend::ready_for_query(&mut out, b'I');
+    // Listed before the client hears it is logged in (see the console case above).
+    let registration = app.register(addr, &database, &user, &application_name, false);
     send(stream, &out).await?;
     debug!(user = %user, database = %database, tls = stream.is_tls(), "client logged in");
 
     pools.primary.client_connected();
     let mode = pools.primary.settings().mode;
     let (params, reported) = pools.primary.shared_session(params, reported);
-    let registration = app.register(addr, &database, &user, &application_name, false);
     Ok(Some(Login::Pooled(Session {
         registration,
         pools,
