@@ -258,14 +258,22 @@ impl Server {
                     scram = Some(client);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let client = scram
-                        .as_mut()
+                    let mut client = scram
+                        .take()
                         .ok_or_else(|| Error::ServerProtocol("SASLContinue without SASL".into()))?;
                     check_server_first(body.data()).map_err(Error::ServerProtocol)?;
-                    client
-                        .update(body.data())
-                        .map_err(|e| Error::ServerProtocol(format!("SCRAM: {e}")))?;
+                    // Deriving the key takes thousands of SHA-256 rounds, milliseconds of
+                    // CPU: on the blocking pool, so that the thread serving every other
+                    // client is not held up meanwhile (pgmux runs on one by default).
+                    let challenge = body.data().to_vec();
+                    let client = tokio::task::spawn_blocking(move || {
+                        client.update(&challenge).map(|()| client)
+                    })
+                    .await
+                    .map_err(|e| Error::ServerProtocol(format!("SCRAM: {e}")))?
+                    .map_err(|e| Error::ServerProtocol(format!("SCRAM: {e}")))?;
                     frontend::sasl_response(client.message(), &mut out).map_err(Error::ServerIo)?;
+                    scram = Some(client);
                     self.send(&mut out).await?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
