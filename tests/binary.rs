@@ -321,6 +321,38 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
     assert!(in_span, "no client span with db and user in:\n{log}");
 }
 
+/// The default is one thread; `worker_threads` other than 1 starts tokio's multi-thread
+/// runtime instead, which must serve clients just the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_clients_on_one_thread_and_on_several() {
+    let clusters = cluster::shared();
+    let db = fresh_db(&clusters.primary, "threads");
+    for threads in ["1", "0", "3"] {
+        let text = config_text(
+            &clusters.primary,
+            &db,
+            &format!("worker_threads = {threads}\ndefault_pool_size = 2"),
+            "",
+        );
+        let (_child, addr, _) = spawn_pgmux(&format!("threads{threads}"), &text).await;
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let client = connect(addr, "app", "app-secret", &db).await.unwrap();
+                let row = client.query_one("SELECT $1::int + 1", &[&i]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), i + 1);
+            }));
+        }
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap_or_else(|_| panic!("worker_threads = {threads}: a client hung"))
+                .unwrap();
+        }
+    }
+}
+
 /// A metric sample: name, labels, value.
 type Sample = (String, Vec<(String, String)>, f64);
 
