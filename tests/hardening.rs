@@ -231,16 +231,7 @@ async fn broken_password_messages_are_refused() {
     let primary = &cluster::shared().primary;
     let db = fresh_db(primary, "hard_auth");
     let mux = start_pgmux(&config_text(primary, &db, "", "")).await;
-    let mut startup = 196_608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", "app"), ("database", db.as_str())] {
-        startup.extend_from_slice(k.as_bytes());
-        startup.push(0);
-        startup.extend_from_slice(v.as_bytes());
-        startup.push(0);
-    }
-    startup.push(0);
-    let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&startup);
+    let packet = startup_packet(3 << 16, &[("user", "app"), ("database", &db)]);
     let cases: [(&str, &[u8]); 5] = [
         ("huge password message", b"p\x7f\xff\xff\xff"),
         ("negative length", b"p\xff\xff\xff\xff"),

@@ -419,29 +419,6 @@ async fn plaintext_tokio_postgres_still_works_with_tls_on() {
     assert!(read_to_close(&mut cancel).await.is_empty());
 }
 
-/// A protocol 3.0 StartupMessage.
-fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-fn query_packet(sql: &str) -> Vec<u8> {
-    let mut packet = vec![b'Q'];
-    packet.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-    packet.extend_from_slice(sql.as_bytes());
-    packet.push(0);
-    packet
-}
-
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// Everything the peer sends until it closes (or 5 s pass).
@@ -473,7 +450,10 @@ async fn plaintext_after_ssl_request_is_refused_and_not_run() {
         // SSLRequest, then (in the same segment) a plaintext login and a query: a man in
         // the middle's injection, CVE-2021-23214 style.
         let mut bytes = SSL_REQUEST.to_vec();
-        bytes.extend(startup_packet(&[("user", "app"), ("database", &db)]));
+        bytes.extend(startup_packet(
+            3 << 16,
+            &[("user", "app"), ("database", &db)],
+        ));
         bytes.extend(query_packet(&format!("CREATE TABLE {table}()")));
         let mut stream = TcpStream::connect(mux.addr).await.unwrap();
         stream.write_all(&bytes).await.unwrap();
@@ -498,7 +478,7 @@ async fn plaintext_after_ssl_request_is_refused_and_not_run() {
             let mut s = [0u8; 1];
             stream.read_exact(&mut s).await.unwrap();
             assert_eq!(&s, b"S");
-            let mut bytes = startup_packet(&[("user", "app"), ("database", &db)]);
+            let mut bytes = startup_packet(3 << 16, &[("user", "app"), ("database", &db)]);
             bytes.extend(query_packet(&format!("CREATE TABLE {table}()")));
             stream.write_all(&bytes).await.unwrap();
             let reply = read_to_close(&mut stream).await;
@@ -567,9 +547,12 @@ async fn direct_tls_like_postgres_17() {
         .connect(name.clone(), tcp)
         .await
         .unwrap();
-    tls.write_all(&startup_packet(&[("user", "app"), ("database", &db)]))
-        .await
-        .unwrap();
+    tls.write_all(&startup_packet(
+        3 << 16,
+        &[("user", "app"), ("database", &db)],
+    ))
+    .await
+    .unwrap();
     tls.write_all(&query_packet("SELECT 6 * 7")).await.unwrap();
     tls.flush().await.unwrap();
     let mut seen = Vec::new();

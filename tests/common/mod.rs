@@ -135,16 +135,10 @@ pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> Option<
     })
 }
 
-/// A raw protocol connection to pgmux with `auth_type = "trust"`: startup, then every
-/// message up to the first ReadyForQuery. Returns the socket and those message types.
-pub async fn raw_login(
-    addr: std::net::SocketAddr,
-    version: i32,
-    params: &[(&str, &str)],
-) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
-    use tokio::io::AsyncWriteExt;
-    let mut body = Vec::new();
-    body.extend_from_slice(&version.to_be_bytes());
+/// A StartupMessage for protocol `version` (`3 << 16` is 3.0) with `params`. Any
+/// version, so that tests can send ones PostgreSQL does not speak.
+pub fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
@@ -154,8 +148,29 @@ pub async fn raw_login(
     body.push(0);
     let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
+    packet
+}
+
+/// A Query message.
+pub fn query_packet(sql: &str) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut buf).unwrap();
+    buf.to_vec()
+}
+
+/// A raw protocol connection to pgmux with `auth_type = "trust"`: startup, then every
+/// message up to the first ReadyForQuery. Returns the socket and those message types.
+pub async fn raw_login(
+    addr: std::net::SocketAddr,
+    version: i32,
+    params: &[(&str, &str)],
+) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(&packet).await.unwrap();
+    stream
+        .write_all(&startup_packet(version, params))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     loop {
         let (tag, body) = read_raw(&mut stream).await;
