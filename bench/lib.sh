@@ -16,3 +16,16 @@ stop_pid() {
 
 # pg CMD...: runs a PostgreSQL program as the postgres user, from $TMP (which it owns).
 pg() { (cd "$TMP" && runuser -u postgres -- "$@"); }
+
+# tail_logs DIR NAME...: after a failure, the last lines of each non-empty DIR/NAME, on
+# stderr.
+tail_logs() {
+    local dir=$1 log
+    shift
+    for log in "$@"; do
+        if [ -s "$dir/$log" ]; then
+            printf '\n--- last lines of %s ---\n' "$log" >&2
+            tail -n 15 "$dir/$log" >&2
+        fi
+    done
+}

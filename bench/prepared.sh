@@ -85,7 +85,7 @@ DATA=$TMP/data
 PG_STARTED=false
 MUX_PID=
 
-# stop_pid and pg come from bench/lib.sh.
+# stop_pid, pg and tail_logs come from bench/lib.sh.
 . "$BENCH_DIR/lib.sh"
 
 cleanup() {
@@ -97,12 +97,7 @@ cleanup() {
         pg "$PG_BIN/pg_ctl" stop -D "$DATA" -m immediate -t 30 >/dev/null 2>&1
     fi
     if [ "$status" -ne 0 ]; then
-        for log in postgres.log pgmux.log; do
-            if [ -s "$TMP/$log" ]; then
-                printf '\n--- last lines of %s ---\n' "$log" >&2
-                tail -n 15 "$TMP/$log" >&2
-            fi
-        done
+        tail_logs "$TMP" postgres.log pgmux.log
     fi
     rm -rf "$TMP"
     exit "$status"

@@ -163,7 +163,7 @@ MUX_PID=
 BOUNCER_PID=
 CHILD_PID=
 
-# stop_pid and pg come from bench/lib.sh.
+# stop_pid, pg and tail_logs come from bench/lib.sh.
 . "$BENCH_DIR/lib.sh"
 
 cleanup() {
@@ -177,12 +177,7 @@ cleanup() {
         pg "$PG_BIN/pg_ctl" stop -D "$DATA" -m immediate -t 30 >/dev/null 2>&1
     fi
     if [ "$status" -ne 0 ]; then
-        for log in postgres.log pgmux.log pgbouncer.log; do
-            if [ -s "$TMP/$log" ]; then
-                printf '\n--- last lines of %s ---\n' "$log" >&2
-                tail -n 15 "$TMP/$log" >&2
-            fi
-        done
+        tail_logs "$TMP" postgres.log pgmux.log pgbouncer.log
     fi
     rm -rf "$TMP"
     exit "$status"
