@@ -417,26 +417,22 @@ impl Pool {
         let mut st = self.lock();
         let timeout = st.settings.query_wait_timeout;
         let now = Instant::now();
-        let mut expired = false;
-        while let Some(front) = st.waiters.front() {
+        let next = loop {
+            let Some(front) = st.waiters.front() else {
+                break None;
+            };
             let deadline = front.since + timeout;
             if !front.tx.is_closed() && deadline > now {
-                if expired {
-                    self.refresh_gauges(&mut st);
-                }
-                return Some(deadline);
+                break Some(deadline);
             }
             let waiter = st.waiters.pop_front().expect("a front waiter");
             if !waiter.tx.is_closed() {
                 self.metrics.wait.record((now - waiter.since).as_secs_f64());
                 let _ = waiter.tx.send(Err(Error::PoolTimeout(timeout)));
             }
-            expired = true;
-        }
-        if expired {
-            self.refresh_gauges(&mut st);
-        }
-        None
+        };
+        self.refresh_gauges(&mut st);
+        next
     }
 
     /// Checks a server just taken from the pool; closes it if it died while idle.
