@@ -664,7 +664,8 @@ fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
                 .general_settings()
                 .into_iter()
                 .map(|(k, v)| {
-                    let changeable = !matches!(k, "listen" | "metrics_listen");
+                    // Read only at start; a reload or SET keeps the value in use.
+                    let changeable = !matches!(k, "listen" | "metrics_listen" | "worker_threads");
                     vec![
                         k.to_string(),
                         v,

@@ -118,6 +118,11 @@ async fn console_commands_are_authorized_by_class() {
         .find(|r| r["key"] == "default_pool_size")
         .unwrap();
     assert_eq!(size["value"], "4");
+    // Settings read only at start say so.
+    for key in ["listen", "worker_threads"] {
+        let row = config.iter().find(|r| r["key"] == key).unwrap();
+        assert_eq!(row["changeable"], "no", "{key}");
+    }
 
     // Unknown commands and extended-protocol attempts get errors, never a hang; the
     // session stays usable afterwards.
