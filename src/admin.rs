@@ -404,348 +404,372 @@ fn mode(m: crate::config::PoolMode) -> String {
 
 fn show(app: &Arc<App>, what: &str) -> std::result::Result<Reply, Failure> {
     match what {
-        "POOLS" => {
-            let mut out = Vec::new();
-            for ((db, user), set) in app.all_pools() {
-                for pool in set.all() {
-                    let s = pool.snapshot();
-                    let wait = s.oldest_wait.unwrap_or_default();
-                    let active = s.open - s.idle - s.connecting;
-                    out.push(vec![
-                        db.clone(),
-                        user.clone(),
-                        s.clients.saturating_sub(s.waiting).to_string(),
-                        s.waiting.to_string(),
-                        active.to_string(),
-                        s.idle.to_string(),
-                        "0".into(),
-                        "0".into(),
-                        s.connecting.to_string(),
-                        wait.as_secs().to_string(),
-                        wait.subsec_micros().to_string(),
-                        mode(s.mode),
-                        pool.replica.clone().unwrap_or_default(),
-                        s.size.to_string(),
-                        if s.paused { "1" } else { "0" }.into(),
-                    ]);
-                }
-            }
-            rows(
-                vec![
-                    "database",
-                    "user",
-                    "cl_active",
-                    "cl_waiting",
-                    "sv_active",
-                    "sv_idle",
-                    "sv_used",
-                    "sv_tested",
-                    "sv_login",
-                    "maxwait",
-                    "maxwait_us",
-                    "pool_mode",
-                    "replica",
-                    "pool_size",
-                    "paused",
-                ],
-                out,
-            )
-        }
-        "STATS" => {
-            // One row per database, as in PgBouncer (whose exporters key on the name):
-            // the pools of all its users and replicas add up.
-            let mut by_db: BTreeMap<String, (Totals, Averages)> = BTreeMap::new();
-            for ((db, _user), set) in app.all_pools() {
-                let (t, a) = by_db.entry(db.clone()).or_default();
-                for pool in set.all() {
-                    add_stats(t, a, &pool.stats.totals(), &pool.stats.averages());
-                }
-            }
-            let out = by_db
-                .into_iter()
-                .map(|(db, (t, a))| {
-                    vec![
-                        db,
-                        t.transactions.to_string(),
-                        t.queries.to_string(),
-                        t.received.to_string(),
-                        t.sent.to_string(),
-                        t.transaction_us.to_string(),
-                        t.query_us.to_string(),
-                        t.wait_us.to_string(),
-                        a.transactions_per_s.to_string(),
-                        a.queries_per_s.to_string(),
-                        a.received_per_s.to_string(),
-                        a.sent_per_s.to_string(),
-                        a.transaction_us.to_string(),
-                        a.query_us.to_string(),
-                        a.wait_us.to_string(),
-                    ]
-                })
-                .collect();
-            rows(
-                vec![
-                    "database",
-                    "total_xact_count",
-                    "total_query_count",
-                    "total_received",
-                    "total_sent",
-                    "total_xact_time",
-                    "total_query_time",
-                    "total_wait_time",
-                    "avg_xact_count",
-                    "avg_query_count",
-                    "avg_recv",
-                    "avg_sent",
-                    "avg_xact_time",
-                    "avg_query_time",
-                    "avg_wait_time",
-                ],
-                out,
-            )
-        }
-        "CLIENTS" => {
-            let now = SystemTime::now();
-            let out = app
-                .sessions()
-                .into_iter()
-                .map(|c| {
-                    let state = c.state();
-                    let since = c.since();
-                    let wait = if state == ClientState::Waiting {
-                        now.duration_since(since).unwrap_or_default()
-                    } else {
-                        Duration::ZERO
-                    };
-                    let server = c.server();
-                    vec![
-                        "C".into(),
-                        c.user.clone(),
-                        c.database.clone(),
-                        match state {
-                            ClientState::Idle => "idle",
-                            ClientState::Waiting => "waiting",
-                            ClientState::Active => "active",
-                        }
-                        .into(),
-                        c.addr.ip().to_string(),
-                        c.addr.port().to_string(),
-                        time(c.connected_at),
-                        time(since),
-                        wait.as_secs().to_string(),
-                        wait.subsec_micros().to_string(),
-                        if server == 0 {
-                            String::new()
-                        } else {
-                            server.to_string()
-                        },
-                        c.application_name.clone(),
-                        c.id.to_string(),
-                    ]
-                })
-                .collect();
-            rows(
-                vec![
-                    "type",
-                    "user",
-                    "database",
-                    "state",
-                    "addr",
-                    "port",
-                    "connect_time",
-                    "request_time",
-                    "wait",
-                    "wait_us",
-                    "link",
-                    "application_name",
-                    "id",
-                ],
-                out,
-            )
-        }
-        "SERVERS" => {
-            let mut out = Vec::new();
-            let clients: std::collections::HashMap<u64, u64> = app
-                .sessions()
-                .iter()
-                .filter(|c| c.server() != 0)
-                .map(|c| (c.server(), c.id))
-                .collect();
-            for ((db, user), set) in app.all_pools() {
-                for pool in set.all() {
-                    let (host, port) = pool.target_addr();
-                    for s in pool.servers() {
-                        out.push(vec![
-                            "S".into(),
-                            user.clone(),
-                            db.clone(),
-                            if s.active { "active" } else { "idle" }.into(),
-                            host.clone(),
-                            port.to_string(),
-                            time(s.connected_at),
-                            time(crate::wall_time(s.since)),
-                            s.pid.to_string(),
-                            clients.get(&s.id).map(u64::to_string).unwrap_or_default(),
-                            s.id.to_string(),
-                            pool.replica.clone().unwrap_or_default(),
-                            s.prepared.to_string(),
-                        ]);
-                    }
-                }
-            }
-            rows(
-                vec![
-                    "type",
-                    "user",
-                    "database",
-                    "state",
-                    "addr",
-                    "port",
-                    "connect_time",
-                    "request_time",
-                    "remote_pid",
-                    "link",
-                    "id",
-                    "replica",
-                    "prepared_statements",
-                ],
-                out,
-            )
-        }
-        "DATABASES" => {
-            let shared = app.shared();
-            let config = &shared.config;
-            let paused = app.paused_databases();
-            let out = config
-                .databases
-                .iter()
-                .map(|(name, db)| {
-                    vec![
-                        name.clone(),
-                        db.host.clone(),
-                        db.port.to_string(),
-                        db.server_dbname(name).to_string(),
-                        db.pool_size
-                            .unwrap_or(config.pgmux.default_pool_size)
-                            .to_string(),
-                        db.min_pool_size
-                            .unwrap_or(config.pgmux.min_pool_size)
-                            .to_string(),
-                        mode(db.pool_mode.unwrap_or(config.pgmux.pool_mode)),
-                        config.max_db_connections(db).to_string(),
-                        app.db_server_count(name).to_string(),
-                        if paused.contains(name) { "1" } else { "0" }.into(),
-                        db.replicas.join(","),
-                        db.read_only_alias.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            rows(
-                vec![
-                    "name",
-                    "host",
-                    "port",
-                    "database",
-                    "pool_size",
-                    "min_pool_size",
-                    "pool_mode",
-                    "max_connections",
-                    "current_connections",
-                    "paused",
-                    "replicas",
-                    "read_only_alias",
-                ],
-                out,
-            )
-        }
-        "CONFIG" => {
-            let config = app.config();
-            let out = config
-                .general_settings()
-                .into_iter()
-                .map(|(k, v)| {
-                    // Read only at start; a reload or SET keeps the value in use.
-                    let changeable = !matches!(k, "listen" | "metrics_listen" | "worker_threads");
-                    vec![
-                        k.to_string(),
-                        v,
-                        if changeable { "yes" } else { "no" }.into(),
-                    ]
-                })
-                .collect();
-            rows(vec!["key", "value", "changeable"], out)
-        }
+        "POOLS" => show_pools(app),
+        "STATS" => show_stats(app),
+        "CLIENTS" => show_clients(app),
+        "SERVERS" => show_servers(app),
+        "DATABASES" => show_databases(app),
+        "CONFIG" => show_config(app),
         "VERSION" => rows(
             vec!["version"],
             vec![vec![format!("pgmux {}", env!("CARGO_PKG_VERSION"))]],
         ),
-        "LISTS" => {
-            let config = app.config();
-            let sessions = app.sessions();
-            let pools = app.all_pools();
-            let servers: usize = pools
-                .iter()
-                .flat_map(|(_, s)| s.all())
-                .map(|p| p.snapshot().open)
-                .sum();
-            let pool_count: usize = pools.iter().map(|(_, s)| 1 + s.replicas.len()).sum();
-            let used = sessions.iter().filter(|c| !c.console).count();
-            let list = [
-                ("databases", config.databases.len()),
-                ("users", config.users.len()),
-                ("pools", pool_count),
-                ("used_clients", used),
-                ("console_clients", sessions.len() - used),
-                ("used_servers", servers),
-            ];
-            rows(
-                vec!["list", "items"],
-                list.iter()
-                    .map(|(k, v)| vec![k.to_string(), v.to_string()])
-                    .collect(),
-            )
-        }
-        "REPLICAS" => {
-            let config = app.config();
-            let now = std::time::Instant::now();
-            let mut out = Vec::new();
-            for name in config.databases.keys() {
-                let Some(router) = app.router(name) else {
-                    continue;
-                };
-                for i in 0..router.replicas.len() {
-                    let v = router.view(i, now);
-                    let mut lag_us = String::new();
-                    if let Some(lag) = v.lag {
-                        let _ = write!(lag_us, "{}", lag.as_micros());
-                    }
-                    out.push(vec![
-                        name.clone(),
-                        v.addr.clone(),
-                        if v.eligible { "yes" } else { "no" }.into(),
-                        v.reason.to_string(),
-                        lag_us,
-                        v.lag_bytes.to_string(),
-                        lsn(v.replay_lsn),
-                    ]);
-                }
-            }
-            rows(
-                vec![
-                    "database",
-                    "replica",
-                    "eligible",
-                    "reason",
-                    "lag_us",
-                    "lag_bytes",
-                    "replay_lsn",
-                ],
-                out,
-            )
-        }
+        "LISTS" => show_lists(app),
+        "REPLICAS" => show_replicas(app),
         "" => Err(fail("42601", "SHOW needs a subject, e.g. SHOW POOLS")),
         other => Err(fail("42601", format!("unknown SHOW subject \"{other}\""))),
     }
+}
+
+/// `SHOW POOLS`.
+fn show_pools(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let mut out = Vec::new();
+    for ((db, user), set) in app.all_pools() {
+        for pool in set.all() {
+            let s = pool.snapshot();
+            let wait = s.oldest_wait.unwrap_or_default();
+            let active = s.open - s.idle - s.connecting;
+            out.push(vec![
+                db.clone(),
+                user.clone(),
+                s.clients.saturating_sub(s.waiting).to_string(),
+                s.waiting.to_string(),
+                active.to_string(),
+                s.idle.to_string(),
+                "0".into(),
+                "0".into(),
+                s.connecting.to_string(),
+                wait.as_secs().to_string(),
+                wait.subsec_micros().to_string(),
+                mode(s.mode),
+                pool.replica.clone().unwrap_or_default(),
+                s.size.to_string(),
+                if s.paused { "1" } else { "0" }.into(),
+            ]);
+        }
+    }
+    rows(
+        vec![
+            "database",
+            "user",
+            "cl_active",
+            "cl_waiting",
+            "sv_active",
+            "sv_idle",
+            "sv_used",
+            "sv_tested",
+            "sv_login",
+            "maxwait",
+            "maxwait_us",
+            "pool_mode",
+            "replica",
+            "pool_size",
+            "paused",
+        ],
+        out,
+    )
+}
+
+/// `SHOW STATS`.
+fn show_stats(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    // One row per database, as in PgBouncer (whose exporters key on the name):
+    // the pools of all its users and replicas add up.
+    let mut by_db: BTreeMap<String, (Totals, Averages)> = BTreeMap::new();
+    for ((db, _user), set) in app.all_pools() {
+        let (t, a) = by_db.entry(db.clone()).or_default();
+        for pool in set.all() {
+            add_stats(t, a, &pool.stats.totals(), &pool.stats.averages());
+        }
+    }
+    let out = by_db
+        .into_iter()
+        .map(|(db, (t, a))| {
+            vec![
+                db,
+                t.transactions.to_string(),
+                t.queries.to_string(),
+                t.received.to_string(),
+                t.sent.to_string(),
+                t.transaction_us.to_string(),
+                t.query_us.to_string(),
+                t.wait_us.to_string(),
+                a.transactions_per_s.to_string(),
+                a.queries_per_s.to_string(),
+                a.received_per_s.to_string(),
+                a.sent_per_s.to_string(),
+                a.transaction_us.to_string(),
+                a.query_us.to_string(),
+                a.wait_us.to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "database",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "avg_xact_count",
+            "avg_query_count",
+            "avg_recv",
+            "avg_sent",
+            "avg_xact_time",
+            "avg_query_time",
+            "avg_wait_time",
+        ],
+        out,
+    )
+}
+
+/// `SHOW CLIENTS`.
+fn show_clients(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let now = SystemTime::now();
+    let out = app
+        .sessions()
+        .into_iter()
+        .map(|c| {
+            let state = c.state();
+            let since = c.since();
+            let wait = if state == ClientState::Waiting {
+                now.duration_since(since).unwrap_or_default()
+            } else {
+                Duration::ZERO
+            };
+            let server = c.server();
+            vec![
+                "C".into(),
+                c.user.clone(),
+                c.database.clone(),
+                match state {
+                    ClientState::Idle => "idle",
+                    ClientState::Waiting => "waiting",
+                    ClientState::Active => "active",
+                }
+                .into(),
+                c.addr.ip().to_string(),
+                c.addr.port().to_string(),
+                time(c.connected_at),
+                time(since),
+                wait.as_secs().to_string(),
+                wait.subsec_micros().to_string(),
+                if server == 0 {
+                    String::new()
+                } else {
+                    server.to_string()
+                },
+                c.application_name.clone(),
+                c.id.to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "request_time",
+            "wait",
+            "wait_us",
+            "link",
+            "application_name",
+            "id",
+        ],
+        out,
+    )
+}
+
+/// `SHOW SERVERS`.
+fn show_servers(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let mut out = Vec::new();
+    let clients: std::collections::HashMap<u64, u64> = app
+        .sessions()
+        .iter()
+        .filter(|c| c.server() != 0)
+        .map(|c| (c.server(), c.id))
+        .collect();
+    for ((db, user), set) in app.all_pools() {
+        for pool in set.all() {
+            let (host, port) = pool.target_addr();
+            for s in pool.servers() {
+                out.push(vec![
+                    "S".into(),
+                    user.clone(),
+                    db.clone(),
+                    if s.active { "active" } else { "idle" }.into(),
+                    host.clone(),
+                    port.to_string(),
+                    time(s.connected_at),
+                    time(crate::wall_time(s.since)),
+                    s.pid.to_string(),
+                    clients.get(&s.id).map(u64::to_string).unwrap_or_default(),
+                    s.id.to_string(),
+                    pool.replica.clone().unwrap_or_default(),
+                    s.prepared.to_string(),
+                ]);
+            }
+        }
+    }
+    rows(
+        vec![
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "request_time",
+            "remote_pid",
+            "link",
+            "id",
+            "replica",
+            "prepared_statements",
+        ],
+        out,
+    )
+}
+
+/// `SHOW DATABASES`.
+fn show_databases(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let shared = app.shared();
+    let config = &shared.config;
+    let paused = app.paused_databases();
+    let out = config
+        .databases
+        .iter()
+        .map(|(name, db)| {
+            vec![
+                name.clone(),
+                db.host.clone(),
+                db.port.to_string(),
+                db.server_dbname(name).to_string(),
+                db.pool_size
+                    .unwrap_or(config.pgmux.default_pool_size)
+                    .to_string(),
+                db.min_pool_size
+                    .unwrap_or(config.pgmux.min_pool_size)
+                    .to_string(),
+                mode(db.pool_mode.unwrap_or(config.pgmux.pool_mode)),
+                config.max_db_connections(db).to_string(),
+                app.db_server_count(name).to_string(),
+                if paused.contains(name) { "1" } else { "0" }.into(),
+                db.replicas.join(","),
+                db.read_only_alias.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "name",
+            "host",
+            "port",
+            "database",
+            "pool_size",
+            "min_pool_size",
+            "pool_mode",
+            "max_connections",
+            "current_connections",
+            "paused",
+            "replicas",
+            "read_only_alias",
+        ],
+        out,
+    )
+}
+
+/// `SHOW CONFIG`.
+fn show_config(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let config = app.config();
+    let out = config
+        .general_settings()
+        .into_iter()
+        .map(|(k, v)| {
+            // Read only at start; a reload or SET keeps the value in use.
+            let changeable = !matches!(k, "listen" | "metrics_listen" | "worker_threads");
+            vec![
+                k.to_string(),
+                v,
+                if changeable { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    rows(vec!["key", "value", "changeable"], out)
+}
+
+/// `SHOW LISTS`.
+fn show_lists(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let config = app.config();
+    let sessions = app.sessions();
+    let pools = app.all_pools();
+    let servers: usize = pools
+        .iter()
+        .flat_map(|(_, s)| s.all())
+        .map(|p| p.snapshot().open)
+        .sum();
+    let pool_count: usize = pools.iter().map(|(_, s)| 1 + s.replicas.len()).sum();
+    let used = sessions.iter().filter(|c| !c.console).count();
+    let list = [
+        ("databases", config.databases.len()),
+        ("users", config.users.len()),
+        ("pools", pool_count),
+        ("used_clients", used),
+        ("console_clients", sessions.len() - used),
+        ("used_servers", servers),
+    ];
+    rows(
+        vec!["list", "items"],
+        list.iter()
+            .map(|(k, v)| vec![k.to_string(), v.to_string()])
+            .collect(),
+    )
+}
+
+/// `SHOW REPLICAS`.
+fn show_replicas(app: &Arc<App>) -> std::result::Result<Reply, Failure> {
+    let config = app.config();
+    let now = std::time::Instant::now();
+    let mut out = Vec::new();
+    for name in config.databases.keys() {
+        let Some(router) = app.router(name) else {
+            continue;
+        };
+        for i in 0..router.replicas.len() {
+            let v = router.view(i, now);
+            let mut lag_us = String::new();
+            if let Some(lag) = v.lag {
+                let _ = write!(lag_us, "{}", lag.as_micros());
+            }
+            out.push(vec![
+                name.clone(),
+                v.addr.clone(),
+                if v.eligible { "yes" } else { "no" }.into(),
+                v.reason.to_string(),
+                lag_us,
+                v.lag_bytes.to_string(),
+                lsn(v.replay_lsn),
+            ]);
+        }
+    }
+    rows(
+        vec![
+            "database",
+            "replica",
+            "eligible",
+            "reason",
+            "lag_us",
+            "lag_bytes",
+            "replay_lsn",
+        ],
+        out,
+    )
 }
 
 /// Adds one pool's counters to a database's. Rates add up; mean durations are weighted
