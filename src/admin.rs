@@ -220,32 +220,7 @@ async fn run(
     }
     info!(command = %text, user = %me.user, "console command");
     match command.as_str() {
-        "PAUSE" => {
-            let sets = pool_sets(app, arg)?;
-            app.set_paused(arg, true);
-            for (_, set) in &sets {
-                set.all().for_each(|p| p.pause());
-            }
-            // Returns once no server of those pools is attached to a client or being
-            // opened for one (a client that was opening one when PAUSE came runs its
-            // transaction first).
-            loop {
-                let busy: usize = sets
-                    .iter()
-                    .flat_map(|(_, s)| s.all())
-                    .map(|p| p.in_use())
-                    .sum();
-                if busy == 0 {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                    _ = me.interrupt.raised(crate::interrupt::KILL) => return Err(fail("57P01", "killed")),
-                    _ = app.shutdown.cancelled() => return Err(fail("57P01", "pgmux is shutting down")),
-                }
-            }
-            Ok(Reply::Done("PAUSE", None))
-        }
+        "PAUSE" => pause(app, me, arg).await,
         "RESUME" => {
             let sets = pool_sets(app, arg)?;
             app.set_paused(arg, false);
@@ -260,28 +235,7 @@ async fn run(
             }
             Ok(Reply::Done("RECONNECT", None))
         }
-        "KILL" => {
-            let db = arg.ok_or_else(|| fail("42601", "KILL needs a database name"))?;
-            let sets = pool_sets(app, Some(db))?;
-            // As in PgBouncer, the database stays paused: new transactions wait for
-            // RESUME instead of reopening servers at once.
-            app.set_paused(Some(db), true);
-            for (_, set) in &sets {
-                set.all().for_each(|p| p.pause());
-            }
-            let mut killed = 0;
-            for client in app.sessions() {
-                if !client.console && client.database == db {
-                    client.interrupt.raise(crate::interrupt::KILL);
-                    killed += 1;
-                }
-            }
-            for (_, set) in sets {
-                set.all().for_each(|p| p.reconnect());
-            }
-            warn!(database = %db, clients = killed, "console KILL: clients disconnected");
-            Ok(Reply::Done("KILL", None))
-        }
+        "KILL" => kill_database(app, arg),
         "KILL_CLIENT" => {
             let id: u64 = arg
                 .and_then(|a| a.parse().ok())
@@ -319,6 +273,62 @@ async fn run(
             format!("unknown console command \"{first}\""),
         )),
     }
+}
+
+/// Holds back new transactions of the pools of `database` (or of all), until RESUME.
+fn pause_pools(app: &Arc<App>, database: Option<&str>, sets: &PoolSets) {
+    app.set_paused(database, true);
+    for (_, set) in sets {
+        set.all().for_each(|p| p.pause());
+    }
+}
+
+/// `PAUSE [db]`: returns once no server of those pools is attached to a client or being
+/// opened for one (a client that was opening one when PAUSE came runs its transaction
+/// first).
+async fn pause(
+    app: &Arc<App>,
+    me: &ClientInfo,
+    database: Option<&str>,
+) -> std::result::Result<Reply, Failure> {
+    let sets = pool_sets(app, database)?;
+    pause_pools(app, database, &sets);
+    loop {
+        let busy: usize = sets
+            .iter()
+            .flat_map(|(_, s)| s.all())
+            .map(|p| p.in_use())
+            .sum();
+        if busy == 0 {
+            return Ok(Reply::Done("PAUSE", None));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = me.interrupt.raised(crate::interrupt::KILL) => return Err(fail("57P01", "killed")),
+            _ = app.shutdown.cancelled() => return Err(fail("57P01", "pgmux is shutting down")),
+        }
+    }
+}
+
+/// `KILL db`: disconnects the database's clients and closes its servers. As in
+/// PgBouncer, the database stays paused: new transactions wait for RESUME instead of
+/// reopening servers at once.
+fn kill_database(app: &Arc<App>, database: Option<&str>) -> std::result::Result<Reply, Failure> {
+    let db = database.ok_or_else(|| fail("42601", "KILL needs a database name"))?;
+    let sets = pool_sets(app, Some(db))?;
+    pause_pools(app, Some(db), &sets);
+    let mut killed = 0;
+    for client in app.sessions() {
+        if !client.console && client.database == db {
+            client.interrupt.raise(crate::interrupt::KILL);
+            killed += 1;
+        }
+    }
+    for (_, set) in sets {
+        set.all().for_each(|p| p.reconnect());
+    }
+    warn!(database = %db, clients = killed, "console KILL: clients disconnected");
+    Ok(Reply::Done("KILL", None))
 }
 
 fn ignored_notice(ignored: &[&str]) -> Option<String> {
