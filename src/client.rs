@@ -263,6 +263,40 @@ fn transport(acceptor: Option<&tls::Acceptor>, stream: &ClientStream) -> crate::
     }
 }
 
+/// Authenticates the client as `user` the way the configuration says.
+async fn authenticate(
+    stream: &mut ClientStream,
+    shared: &crate::Shared,
+    user: &str,
+    acceptor: Option<&tls::Acceptor>,
+) -> Result<()> {
+    let transport = transport(acceptor, stream);
+    let creds = shared.credentials(user);
+    crate::auth::authenticate(
+        stream,
+        shared.config.pgmux.auth_type,
+        user,
+        creds,
+        &transport,
+    )
+    .await
+}
+
+/// What tells a client it is logged in: AuthenticationOk, the `reported` parameter
+/// values, its cancel key and ReadyForQuery.
+fn write_welcome<'a>(
+    out: &mut BytesMut,
+    reported: impl IntoIterator<Item = (&'a str, &'a str)>,
+    cancel: &SlotGuard,
+) {
+    backend::authentication_ok(out);
+    for (name, value) in reported {
+        backend::parameter_status(out, name, value);
+    }
+    backend::backend_key_data(out, cancel.slot.process_id, cancel.slot.secret_key);
+    backend::ready_for_query(out, b'I');
+}
+
 /// Negotiation and authentication. Returns `None` for a connection that only came to
 /// cancel a query.
 async fn login(
@@ -305,10 +339,7 @@ async fn login(
     span.record("user", user.as_str());
     let application_name = startup.get("application_name").unwrap_or("").to_string();
     if requested == crate::ADMIN_DATABASE {
-        let creds = shared.credentials(&user);
-        let transport = transport(acceptor.as_deref(), stream);
-        let auth_type = shared.config.pgmux.auth_type;
-        crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
+        authenticate(stream, &shared, &user, acceptor.as_deref()).await?;
         let g = &shared.config.pgmux;
         let role = if g.admin_users.contains(&user) {
             crate::admin::Role::Admin
@@ -318,15 +349,13 @@ async fn login(
             return Err(Error::ConsoleDenied(user));
         };
         let cancel = app.cancels.register();
-        backend::authentication_ok(&mut out);
-        for (name, value) in crate::admin::greeting() {
-            backend::parameter_status(&mut out, name, &value);
-        }
+        let greeting = crate::admin::greeting();
+        let mut reported: Vec<(&str, &str)> =
+            greeting.iter().map(|(n, v)| (*n, v.as_str())).collect();
         if !application_name.is_empty() {
-            backend::parameter_status(&mut out, "application_name", &application_name);
+            reported.push(("application_name", &application_name));
         }
-        backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
-        backend::ready_for_query(&mut out, b'I');
+        write_welcome(&mut out, reported, &cancel);
         // Listed before the client hears it is logged in, so that the console shows
         // every client that has been told so, in the order they were.
         let registration =
@@ -350,10 +379,7 @@ async fn login(
         );
     }
 
-    let creds = shared.credentials(&user);
-    let transport = transport(acceptor.as_deref(), stream);
-    let auth_type = shared.config.pgmux.auth_type;
-    crate::auth::authenticate(stream, auth_type, &user, creds, &transport).await?;
+    authenticate(stream, &shared, &user, acceptor.as_deref()).await?;
 
     let pools = app.pool(&shared, &database, &user)?;
     let reported = pools.primary.reported_params().await?;
@@ -368,12 +394,11 @@ async fn login(
     }
 
     let cancel = app.cancels.register();
-    backend::authentication_ok(&mut out);
-    for (name, value) in reported.iter() {
-        backend::parameter_status(&mut out, name, value);
-    }
-    backend::backend_key_data(&mut out, cancel.slot.process_id, cancel.slot.secret_key);
-    backend::ready_for_query(&mut out, b'I');
+    write_welcome(
+        &mut out,
+        reported.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        &cancel,
+    );
     // Listed before the client hears it is logged in (see the console case above).
     let registration = app.register(addr, &database, &user, &application_name, false);
     send(stream, &out).await?;
