@@ -154,14 +154,23 @@ pub fn drops_all_statements(sql: &str) -> bool {
 /// (ASCII, lower case): leading whitespace is skipped, and text starting with a comment
 /// may start with anything. The scanner above is only worth running when this holds.
 pub fn may_start_with(text: &[u8], words: &[&str]) -> bool {
-    let start = text.iter().position(|b| !b.is_ascii_whitespace());
-    let rest = start.map_or(&[][..], |i| &text[i..]);
-    rest.starts_with(b"/*")
-        || rest.starts_with(b"--")
-        || words.iter().any(|w| {
-            rest.get(..w.len())
-                .is_some_and(|head| head.eq_ignore_ascii_case(w.as_bytes()))
-        })
+    let Some(start) = text.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return false;
+    };
+    let rest = &text[start..];
+    // Runs on every query: the first letter rules out nearly all of them before any
+    // word is compared.
+    let first = rest[0].to_ascii_lowercase();
+    match first {
+        b'/' => rest.starts_with(b"/*"),
+        b'-' => rest.starts_with(b"--"),
+        _ => words.iter().any(|w| {
+            w.as_bytes().first() == Some(&first)
+                && rest
+                    .get(..w.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(w.as_bytes()))
+        }),
+    }
 }
 
 /// The statement a single-statement `DEALLOCATE [PREPARE] name` removes, as PostgreSQL
@@ -222,6 +231,11 @@ mod tests {
         assert!(!may_start_with(b"SELECT 1", &["set", "reset"]));
         assert!(!may_start_with(b"", &["set"]));
         assert!(!may_start_with(b"se", &["set"]));
+        assert!(!may_start_with(b" \n\t", &["set"]));
+        assert!(may_start_with(b"-- c\nset x = 1", &["set"]));
+        assert!(!may_start_with(b"-1", &["set"]));
+        assert!(!may_start_with(b"/1", &["set"]));
+        assert!(may_start_with(b"RESET all", &["set", "reset"]));
     }
 
     #[test]
