@@ -791,7 +791,6 @@ impl Client {
             match read {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
-                    self.pool.metrics.bytes_received.increment(n as u64);
                     self.pool
                         .stats
                         .received

@@ -1,6 +1,9 @@
 //! Prometheus metrics: names, labels, and the exporter.
 //!
-//! Every pool registers its handles once at creation, so the hot path only bumps atomics.
+//! Every pool registers its handles once at creation. Histograms are recorded as things
+//! happen. A pool's gauges and its per-transaction counters (transactions, queries,
+//! bytes) are copied from the pool's own atomic counts by its upkeep, every
+//! `maintenance_interval`: the relay does not touch the metrics registry per message.
 //! Metric names follow Prometheus conventions: base units, `_total` for counters.
 
 use std::net::SocketAddr;

@@ -207,8 +207,6 @@ struct State {
     held: Vec<Instant>,
     /// Every server that exists, idle or attached.
     servers: BTreeMap<u64, ServerInfo>,
-    /// The gauge values last set, so that only the ones that changed are set again.
-    shown: [usize; 6],
 }
 
 struct Waiter {
@@ -246,7 +244,6 @@ impl Pool {
                 paused: false,
                 held: Vec::new(),
                 servers: BTreeMap::new(),
-                shown: [usize::MAX; 6],
             }),
             metrics: PoolMetrics::new(database, user, replica),
             stats: PoolStats::default(),
@@ -313,7 +310,7 @@ impl Pool {
                         // A new front: its deadline is the next one to watch.
                         self.queue_changed.notify_one();
                     }
-                    self.refresh_gauges(&mut st);
+                    self.note_starved(&st);
                     let starved = st.open < st.settings.size;
                     Next::Wait(rx, st.settings.query_wait_timeout, starved)
                 }
@@ -339,7 +336,6 @@ impl Pool {
                             continue;
                         }
                         st.held.push(start);
-                        self.refresh_gauges(&mut st);
                         Held {
                             pool: self,
                             since: start,
@@ -377,7 +373,7 @@ impl Pool {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
                 mark(&mut st, server.id, true, now);
-                self.refresh_gauges(&mut st);
+                self.note_starved(&st);
                 return Ok(server);
             }
         }
@@ -431,7 +427,7 @@ impl Pool {
                 let _ = waiter.tx.send(Err(Error::PoolTimeout(timeout)));
             }
         };
-        self.refresh_gauges(&mut st);
+        self.note_starved(&st);
         next
     }
 
@@ -459,7 +455,7 @@ impl Pool {
         let timeout = {
             let mut st = self.lock();
             st.connecting += 1;
-            self.refresh_gauges(&mut st);
+            self.note_starved(&st);
             st.settings.server_connect_timeout
         };
         let result = Server::connect(&target, id, timeout).await;
@@ -480,7 +476,7 @@ impl Pool {
                     },
                 );
             }
-            self.refresh_gauges(&mut st);
+            self.note_starved(&st);
         }
         match result {
             Ok(server) => {
@@ -531,7 +527,7 @@ impl Pool {
         let mut st = self.lock();
         self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
-        self.refresh_gauges(&mut st);
+        self.note_starved(&st);
         drop(st);
         self.limit.wake_others(self);
     }
@@ -570,7 +566,7 @@ impl Pool {
         mark(&mut st, server.id, false, now);
         if st.paused {
             st.idle.push(server);
-            self.refresh_gauges(&mut st);
+            self.note_starved(&st);
             return;
         }
         while let Some(waiter) = st.waiters.pop_front() {
@@ -578,7 +574,7 @@ impl Pool {
             match waiter.tx.send(Ok(server)) {
                 Ok(()) => {
                     mark(&mut st, id, true, now);
-                    self.refresh_gauges(&mut st);
+                    self.note_starved(&st);
                     return;
                 }
                 Err(Ok(returned)) => server = returned,
@@ -586,7 +582,7 @@ impl Pool {
             }
         }
         st.idle.push(server);
-        self.refresh_gauges(&mut st);
+        self.note_starved(&st);
     }
 
     /// Closes a server for good and, if clients are waiting, opens a replacement.
@@ -605,7 +601,7 @@ impl Pool {
         st.servers.remove(&id);
         self.unreserve(&mut st);
         self.refill_for_waiters(&mut st);
-        self.refresh_gauges(&mut st);
+        self.note_starved(&st);
         drop(st);
         self.limit.wake_others(self);
     }
@@ -631,7 +627,7 @@ impl Pool {
                             break;
                         }
                     }
-                    pool.refresh_gauges(&mut st);
+                    pool.note_starved(&st);
                     drop(st);
                     pool.limit.wake_others(&pool);
                 }
@@ -687,55 +683,49 @@ impl Pool {
     pub fn client_connected(&self) {
         let mut st = self.lock();
         st.clients += 1;
-        self.refresh_gauges(&mut st);
     }
 
     pub fn client_disconnected(&self) {
         let mut st = self.lock();
         st.clients -= 1;
-        self.refresh_gauges(&mut st);
     }
 
-    fn refresh_gauges(&self, st: &mut State) {
-        let m = &self.metrics;
+    /// Records whether clients of this pool queue while it is below its size (the
+    /// database is at `max_db_connections`): other pools then give up idle servers.
+    /// Runs on every change of the queue or of the open count.
+    fn note_starved(&self, st: &State) {
         // Counts waiters that gave up since the last upkeep too; exact counts would
         // cost a scan of the queue on every checkout and release.
-        let queued = st.waiters.len();
-        let waiting = queued + st.held.len();
         let starved = if st.open < st.settings.size {
-            queued
+            st.waiters.len()
         } else {
             0
         };
         self.starved.store(starved, Ordering::Relaxed);
-        // Called on every checkout and release; most values stay the same from one call
-        // to the next, and setting a gauge costs more than comparing.
+    }
+
+    /// Copies the pool's counts into its Prometheus series; run by upkeep, so a scrape
+    /// sees them as of at most one `maintenance_interval` ago. Setting a series costs
+    /// more than the change it records, and checkouts and releases happen per
+    /// transaction: the gauges and the busiest counters are not touched on that path.
+    fn publish_metrics(&self, st: &State) {
+        let m = &self.metrics;
+        let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count() + st.held.len();
         let active = st.open - st.idle.len() - st.connecting;
-        let values = [
-            st.clients,
-            waiting,
-            st.idle.len(),
-            st.open,
-            st.connecting,
-            active,
-        ];
-        if values == st.shown {
-            return;
-        }
-        let gauges = [
-            &m.clients,
-            &m.clients_waiting,
-            &m.servers_idle,
-            &m.servers_total,
-            &m.servers_connecting,
-            &m.servers_active,
-        ];
-        for i in 0..values.len() {
-            if st.shown[i] != values[i] {
-                gauges[i].set(values[i] as f64);
-            }
-        }
-        st.shown = values;
+        m.clients.set(st.clients as f64);
+        m.clients_waiting.set(waiting as f64);
+        m.servers_idle.set(st.idle.len() as f64);
+        m.servers_total.set(st.open as f64);
+        m.servers_connecting.set(st.connecting as f64);
+        m.servers_active.set(active as f64);
+        m.oldest_wait
+            .set(oldest_wait(st).map_or(0.0, |w| w.as_secs_f64()));
+        let totals = self.stats.totals();
+        m.transactions.absolute(totals.transactions);
+        m.queries.absolute(totals.queries);
+        m.bytes_received.absolute(totals.received);
+        m.bytes_sent.absolute(totals.sent);
+        m.record_prepared(&self.statements.stats);
     }
 
     /// Current counts, for tests and the admin console.
@@ -776,7 +766,7 @@ impl Pool {
                 }
                 self.refill_for_waiters(&mut st);
             }
-            self.refresh_gauges(&mut st);
+            self.note_starved(&st);
             surplus
         };
         for server in surplus {
@@ -832,7 +822,7 @@ impl Pool {
         for _ in 0..st.waiters.len() {
             self.refill_for_waiters(&mut st);
         }
-        self.refresh_gauges(&mut st);
+        self.note_starved(&st);
         drop(st);
         self.resumed.notify_waiters();
     }
@@ -876,12 +866,9 @@ impl Pool {
                     i += 1;
                 }
             }
-            self.metrics.record_prepared(&self.statements.stats);
             st.waiters.retain(|w| !w.tx.is_closed());
             self.stats.roll_period();
-            self.metrics
-                .oldest_wait
-                .set(oldest_wait(&st).map_or(0.0, |w| w.as_secs_f64()));
+            self.publish_metrics(&st);
             let after = st.open - retired.len();
             let mut missing = 0;
             while !st.paused && after + missing < s.min_size && self.reserve(&mut st) {
@@ -1020,7 +1007,7 @@ impl DbLimit {
             if pool.starved.load(Ordering::Relaxed) > 0 {
                 let mut st = pool.lock();
                 pool.refill_for_waiters(&mut st);
-                pool.refresh_gauges(&mut st);
+                pool.note_starved(&st);
             }
         }
     }
@@ -1117,7 +1104,6 @@ impl Drop for Held<'_> {
         if let Some(i) = st.held.iter().position(|t| *t == self.since) {
             st.held.swap_remove(i);
         }
-        self.pool.refresh_gauges(&mut st);
     }
 }
 
