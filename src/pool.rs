@@ -562,18 +562,18 @@ impl Pool {
         server.last_used = now;
         if let Some(info) = st.servers.get_mut(&server.id) {
             info.prepared = server.prepared.as_ref().map_or(0, |p| p.len());
+            info.active = false;
+            info.since = now;
         }
-        mark(&mut st, server.id, false, now);
         if st.paused {
             st.idle.push(server);
             self.note_starved(&st);
             return;
         }
         while let Some(waiter) = st.waiters.pop_front() {
-            let id = server.id;
+            // The waiter marks the server active when it takes it.
             match waiter.tx.send(Ok(server)) {
                 Ok(()) => {
-                    mark(&mut st, id, true, now);
                     self.note_starved(&st);
                     return;
                 }
