@@ -11,6 +11,14 @@ use tracing_subscriber::EnvFilter;
 
 use pgmux::config::Config;
 
+/// mimalloc rather than glibc's malloc: every transaction allocates and frees a few
+/// small blocks (its boxed state, the hand-over from the pool), and with hundreds of
+/// clients those frees overflow glibc's per-thread cache. Measured with 500 `pgbench -S`
+/// clients, it took pgmux's user CPU per transaction from about 7.5 µs to 6.3 µs; the
+/// price is about 240 bytes more per idle client and 6 MB more at start.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "pgmux", version, about = "A PostgreSQL connection pooler")]
 struct Args {
