@@ -316,7 +316,13 @@ impl Pool {
                 }
             };
             let server = match next {
-                Next::Idle(server) => server,
+                // Only a server that sat idle may have been closed meanwhile: one just
+                // opened, or handed over as its last client released it clean, is
+                // not probed again.
+                Next::Idle(server) => match self.usable(server) {
+                    Some(server) => server,
+                    None => continue,
+                },
                 // Boxed: connecting is rare, and its state would otherwise make every
                 // client task larger.
                 Next::Open => match Box::pin(self.open_server()).await {
@@ -362,20 +368,19 @@ impl Pool {
                     self.wait(rx, timeout, cancel).await?
                 }
             };
-            if let Some(mut server) = self.usable(server) {
-                let now = Instant::now();
-                let waited = now.saturating_duration_since(start);
-                server.last_used = now;
-                self.metrics.wait.record(waited.as_secs_f64());
-                self.stats
-                    .wait_us
-                    .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-                self.stats.waits.fetch_add(1, Ordering::Relaxed);
-                let mut st = self.lock();
-                mark(&mut st, server.id, true, now);
-                self.note_starved(&st);
-                return Ok(server);
-            }
+            let mut server = server;
+            let now = Instant::now();
+            let waited = now.saturating_duration_since(start);
+            server.last_used = now;
+            self.metrics.wait.record(waited.as_secs_f64());
+            self.stats
+                .wait_us
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+            self.stats.waits.fetch_add(1, Ordering::Relaxed);
+            let mut st = self.lock();
+            mark(&mut st, server.id, true, now);
+            self.note_starved(&st);
+            return Ok(server);
         }
     }
 
@@ -816,7 +821,10 @@ impl Pool {
         while !st.waiters.is_empty() {
             let Some(server) = st.idle.pop() else { break };
             drop(st);
-            self.release(server, true);
+            // It may have sat idle for the whole PAUSE; a waiter takes it unprobed.
+            if let Some(server) = self.usable(server) {
+                self.release(server, true);
+            }
             st = self.lock();
         }
         for _ in 0..st.waiters.len() {
