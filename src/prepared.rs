@@ -336,6 +336,7 @@ impl ClientStatements {
         &mut self,
         tag: u8,
         body: &[u8],
+        lead: crate::sql::Lead,
         server: &mut Option<ServerStatements>,
         copy_in: bool,
     ) -> Action {
@@ -343,7 +344,7 @@ impl ClientStatements {
             // The server ignores it; so does the bookkeeping.
             return Action::Forward;
         }
-        let drops = self.drops_server_statements(tag, body);
+        let drops = self.drops_server_statements(tag, body, lead);
         if drops != Drops::Nothing {
             // Whatever the client sends behind this runs after the server has dropped
             // its statements, so what pgmux prepared there must be forgotten now, not
@@ -383,7 +384,7 @@ impl ClientStatements {
                 self.expect.push_back(Expect::Relay(Kind::Sync, Undo::None));
                 Action::Forward
             }
-            tag::QUERY => self.query(body),
+            tag::QUERY => self.query(body, lead),
             tag::FUNCTION_CALL => {
                 self.expect
                     .push_back(Expect::Relay(Kind::Ready, Undo::None));
@@ -395,7 +396,11 @@ impl ClientStatements {
 
     /// Whether a simple query, or an unnamed Parse, is a DEALLOCATE ALL or DISCARD ALL,
     /// or a DEALLOCATE of a name the client does not hold (possibly one of pgmux's).
-    fn drops_server_statements(&self, tag: u8, body: &[u8]) -> Drops {
+    fn drops_server_statements(&self, tag: u8, body: &[u8], lead: crate::sql::Lead) -> Drops {
+        // Nearly every query is neither; skip the scan for those.
+        if !lead.may_drop_statements() {
+            return Drops::Nothing;
+        }
         let text = match tag {
             tag::QUERY => body.strip_suffix(b"\0").unwrap_or(body),
             tag::PARSE => match cstr(body) {
@@ -407,10 +412,6 @@ impl ClientStatements {
             },
             _ => return Drops::Nothing,
         };
-        // Nearly every query is neither; skip the scan for those.
-        if !crate::sql::may_start_with(text, &["deallocate", "discard"]) {
-            return Drops::Nothing;
-        }
         let Ok(text) = std::str::from_utf8(text) else {
             return Drops::Nothing;
         };
@@ -657,9 +658,13 @@ impl ClientStatements {
         Action::Replace
     }
 
-    fn query(&mut self, body: &[u8]) -> Action {
+    fn query(&mut self, body: &[u8], lead: crate::sql::Lead) -> Action {
         let text = body.strip_suffix(b"\0").unwrap_or(body);
-        if let Some(name) = deallocate_target(text) {
+        let target = match lead {
+            crate::sql::Lead::Deallocate => deallocate_target(text),
+            _ => None,
+        };
+        if let Some(name) = target {
             if let Some((_, _)) = self.map.remove_entry(name.as_bytes()) {
                 // DEALLOCATE is not transactional, and the server-side statement stays
                 // for others: nothing for the server to do.
@@ -1048,11 +1053,7 @@ fn close_statement(out: &mut BytesMut, name: &str) {
 /// The statement name of a simple-query `DEALLOCATE [PREPARE] name`, as PostgreSQL
 /// would look it up (unquoted names folded to lower case). `ALL` is not a name.
 fn deallocate_target(text: &[u8]) -> Option<String> {
-    let first = text
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .map(|i| &text[i..])?;
-    if first.len() < 10 || !first[..10].eq_ignore_ascii_case(b"deallocate") {
+    if crate::sql::lead(text) != crate::sql::Lead::Deallocate {
         return None;
     }
     crate::sql::deallocate_name(std::str::from_utf8(text).ok()?)

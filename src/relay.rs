@@ -534,6 +534,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             .peek(max, whole)
             .map_err(Error::ClientProtocol)?
         {
+            // The statement text of a Query or Parse, and its first word, are looked
+            // at once here for every scanner below.
+            let text = match frame.tag {
+                tag::QUERY => {
+                    let body = self.client.flow.body(frame);
+                    Some(body.strip_suffix(b"\0").unwrap_or(body))
+                }
+                tag::PARSE => parse_query_text(self.client.flow.body(frame)),
+                _ => None,
+            };
+            let lead = text.map_or(sql::Lead::Other, sql::lead);
             let action = match self.client.prepared.as_deref_mut() {
                 Some(statements) => {
                     let body = if frame.whole {
@@ -544,6 +555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     statements.on_client(
                         frame.tag,
                         body,
+                        lead,
                         &mut self.server.prepared,
                         self.tracker.copy_in,
                     )
@@ -566,10 +578,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     t.syncs_since_execute = 0;
                     t.pending += 1;
                     t.owed_seq += 1;
-                    let text = self.client.flow.body(frame);
-                    if let Some(effect) =
-                        session_effect_of(text.strip_suffix(b"\0").unwrap_or(text))
-                    {
+                    if let Some(effect) = text.and_then(|text| session_effect_of(text, lead)) {
                         t.effects.push_back((t.owed_seq, effect));
                     }
                 }
@@ -587,10 +596,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 tag::PARSE => {
                     t.unsynced = true;
                     // A SET prepared in an extended batch takes effect at the next Sync.
-                    if let Some(text) = parse_query_text(self.client.flow.body(frame)) {
-                        if let Some(effect) = session_effect_of(text) {
-                            t.effects.push_back((t.owed_seq + 1, effect));
-                        }
+                    if let Some(effect) = text.and_then(|text| session_effect_of(text, lead)) {
+                        t.effects.push_back((t.owed_seq + 1, effect));
                     }
                 }
                 tag::EXECUTE => {
@@ -793,18 +800,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         let stats = self.limits.stats;
         let now = Instant::now();
         stats.queries.fetch_add(1, Relaxed);
-        if let Some(started) = t.query_started {
+        let query_took = t.query_started.map(|started| {
             let took = now.saturating_duration_since(started);
             m.query_duration.record(took.as_secs_f64());
             stats.query_us.fetch_add(took.as_micros() as u64, Relaxed);
-        }
+            (started, took)
+        });
         // Pipelined requests: the next one's time runs from this answer on.
         t.query_started = (t.pending > 0).then_some(now);
         t.last_ready = Some(now);
         if status == b'I' {
             stats.transactions.fetch_add(1, Relaxed);
             if let Some(started) = t.xact_started.take() {
-                let took = now.saturating_duration_since(started);
+                // Most transactions are one autocommit statement: its duration is the
+                // query's, already worked out.
+                let took = match query_took {
+                    Some((query_started, took)) if query_started == started => took,
+                    _ => now.saturating_duration_since(started),
+                };
                 m.transaction_duration.record(took.as_secs_f64());
                 stats
                     .transaction_us
@@ -959,18 +972,14 @@ fn flush<S: AsyncWrite + Unpin>(stream: &mut S, cx: &mut Context<'_>) -> io::Res
 }
 
 /// What a query string does to session parameters, if anything.
-fn session_effect_of(text: &[u8]) -> Option<SessionEffect> {
+/// `lead` is [`sql::lead`] of `text`.
+fn session_effect_of(text: &[u8], lead: sql::Lead) -> Option<SessionEffect> {
     // Only SET/RESET/DISCARD concern pgmux; skip the scan for anything else.
-    if !starts_like_session_statement(text) {
+    if !lead.may_change_session() {
         return None;
     }
     let effect = sql::session_effect(std::str::from_utf8(text).ok()?);
     (effect != SessionEffect::None).then_some(effect)
-}
-
-/// Cheap pre-check before looking for SET, RESET or DISCARD in a query.
-fn starts_like_session_statement(text: &[u8]) -> bool {
-    sql::may_start_with(text, &["set", "reset", "discard"])
 }
 
 fn apply_effect(params: &mut ParamSet, effect: SessionEffect) {
@@ -1119,10 +1128,19 @@ mod tests {
     }
 
     #[test]
-    fn session_statement_precheck() {
-        assert!(starts_like_session_statement(b"  SET x = 1"));
-        assert!(starts_like_session_statement(b"discard all"));
-        assert!(!starts_like_session_statement(b"SELECT 1"));
-        assert!(!starts_like_session_statement(b""));
+    fn session_effects_only_of_session_statements() {
+        let of = |text: &[u8]| session_effect_of(text, sql::lead(text));
+        assert!(matches!(
+            of(b"  SET x = 1"),
+            Some(SessionEffect::Set { .. })
+        ));
+        assert_eq!(of(b"discard all"), Some(SessionEffect::ResetAll));
+        assert!(matches!(
+            of(b"/* c */ SET x TO 2"),
+            Some(SessionEffect::Set { .. })
+        ));
+        assert_eq!(of(b"SELECT 1"), None);
+        assert_eq!(of(b""), None);
+        assert_eq!(of(b"SET LOCAL x = 1"), None);
     }
 }

@@ -150,26 +150,63 @@ pub fn drops_all_statements(sql: &str) -> bool {
     )
 }
 
-/// A cheap test, without allocating, of whether `text` may start with one of `words`
-/// (ASCII, lower case): leading whitespace is skipped, and text starting with a comment
-/// may start with anything. The scanner above is only worth running when this holds.
-pub fn may_start_with(text: &[u8], words: &[&str]) -> bool {
+/// How a statement begins, as far as pgmux's own scanners care: they only ever look
+/// further at the few statements below. Worked out once per Query or Parse, so that
+/// every other statement costs one look at its first word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lead {
+    Set,
+    Reset,
+    Discard,
+    Deallocate,
+    /// Starts with a comment: it may be any of them.
+    Comment,
+    Other,
+}
+
+impl Lead {
+    /// Whether it may be a SET, RESET or DISCARD.
+    pub fn may_change_session(self) -> bool {
+        matches!(
+            self,
+            Lead::Set | Lead::Reset | Lead::Discard | Lead::Comment
+        )
+    }
+
+    /// Whether it may be a DEALLOCATE or a DISCARD (which drop prepared statements).
+    pub fn may_drop_statements(self) -> bool {
+        matches!(self, Lead::Deallocate | Lead::Discard | Lead::Comment)
+    }
+}
+
+/// Classifies `text` by its first word, without allocating: leading whitespace is
+/// skipped, and text starting with a comment is [`Lead::Comment`].
+pub fn lead(text: &[u8]) -> Lead {
     let Some(start) = text.iter().position(|b| !b.is_ascii_whitespace()) else {
-        return false;
+        return Lead::Other;
     };
     let rest = &text[start..];
-    // Runs on every query: the first letter rules out nearly all of them before any
-    // word is compared.
-    let first = rest[0].to_ascii_lowercase();
-    match first {
-        b'/' => rest.starts_with(b"/*"),
-        b'-' => rest.starts_with(b"--"),
-        _ => words.iter().any(|w| {
-            w.as_bytes().first() == Some(&first)
-                && rest
-                    .get(..w.len())
-                    .is_some_and(|head| head.eq_ignore_ascii_case(w.as_bytes()))
-        }),
+    if rest.starts_with(b"/*") || rest.starts_with(b"--") {
+        return Lead::Comment;
+    }
+    let len = rest
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+        .unwrap_or(rest.len());
+    let word = &rest[..len];
+    // Comparing lengths first settles nearly every statement (SELECT, INSERT, ...)
+    // without comparing letters.
+    let is = |keyword: &[u8]| word.len() == keyword.len() && word.eq_ignore_ascii_case(keyword);
+    if is(b"set") {
+        Lead::Set
+    } else if is(b"reset") {
+        Lead::Reset
+    } else if is(b"discard") {
+        Lead::Discard
+    } else if is(b"deallocate") {
+        Lead::Deallocate
+    } else {
+        Lead::Other
     }
 }
 
@@ -224,18 +261,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefix_test_skips_whitespace_and_allows_comments() {
-        assert!(may_start_with(b"  SET x = 1", &["set"]));
-        assert!(may_start_with(b"Discard all", &["set", "discard"]));
-        assert!(may_start_with(b"/* c */ set x = 1", &["set"]));
-        assert!(!may_start_with(b"SELECT 1", &["set", "reset"]));
-        assert!(!may_start_with(b"", &["set"]));
-        assert!(!may_start_with(b"se", &["set"]));
-        assert!(!may_start_with(b" \n\t", &["set"]));
-        assert!(may_start_with(b"-- c\nset x = 1", &["set"]));
-        assert!(!may_start_with(b"-1", &["set"]));
-        assert!(!may_start_with(b"/1", &["set"]));
-        assert!(may_start_with(b"RESET all", &["set", "reset"]));
+    fn lead_reads_the_first_word_and_allows_comments() {
+        assert_eq!(lead(b"  SET x = 1"), Lead::Set);
+        assert_eq!(lead(b"set\tx = 1"), Lead::Set);
+        assert_eq!(lead(b"Discard all"), Lead::Discard);
+        assert_eq!(lead(b"RESET all"), Lead::Reset);
+        assert_eq!(lead(b"\nDEALLOCATE p1"), Lead::Deallocate);
+        assert_eq!(lead(b"/* c */ set x = 1"), Lead::Comment);
+        assert_eq!(lead(b"-- c\nset x = 1"), Lead::Comment);
+        for other in [
+            &b"SELECT 1"[..],
+            b"settle",
+            b"se",
+            b"",
+            b" \n\t",
+            b"-1",
+            b"/1",
+            b"set_config('a', 'b', false)",
+        ] {
+            assert_eq!(
+                lead(other),
+                Lead::Other,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        assert!(Lead::Set.may_change_session() && !Lead::Set.may_drop_statements());
+        assert!(Lead::Discard.may_change_session() && Lead::Discard.may_drop_statements());
+        assert!(Lead::Comment.may_change_session() && Lead::Comment.may_drop_statements());
+        assert!(!Lead::Other.may_change_session() && !Lead::Other.may_drop_statements());
     }
 
     #[test]
