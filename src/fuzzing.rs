@@ -123,6 +123,7 @@ async fn relay_once(client_bytes: &[u8], server_bytes: &[u8]) -> std::io::Result
         params: Arc::new(ParamSet::default()),
         reported: Vec::new(),
         id: 0,
+        generation: 0,
         created: Instant::now(),
         last_used: Instant::now(),
         broken: false,

@@ -152,9 +152,6 @@ pub struct ServerInfo {
     pub active: bool,
     /// Protocol-level prepared statements pgmux holds on it, as of its last release.
     pub prepared: usize,
-    /// Servers opened before the latest RECONNECT or target change are closed when
-    /// released.
-    generation: u64,
 }
 
 /// A pool of servers for one (database, user).
@@ -298,6 +295,8 @@ impl Pool {
                 if st.paused {
                     Next::Paused(st.settings.query_wait_timeout)
                 } else if let Some(server) = st.idle.pop() {
+                    // No wait: the time the client asked is the time it got it.
+                    mark(&mut st, server.id, true, start);
                     Next::Idle(server)
                 } else if self.reserve(&mut st) {
                     Next::Open
@@ -315,7 +314,7 @@ impl Pool {
                     Next::Wait(rx, st.settings.query_wait_timeout, starved)
                 }
             };
-            let server = match next {
+            let mut server = match next {
                 // Only a server that sat idle may have been closed meanwhile: one just
                 // opened, or handed over as its last client released it clean, is
                 // not probed again.
@@ -368,7 +367,6 @@ impl Pool {
                     self.wait(rx, timeout, cancel).await?
                 }
             };
-            let mut server = server;
             let now = Instant::now();
             let waited = now.saturating_duration_since(start);
             server.last_used = now;
@@ -377,9 +375,8 @@ impl Pool {
                 .wait_us
                 .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
             self.stats.waits.fetch_add(1, Ordering::Relaxed);
-            let mut st = self.lock();
-            mark(&mut st, server.id, true, now);
-            self.note_starved(&st);
+            // The console already shows it in use: marked as it left the idle list, as
+            // it was opened, or as its last client handed it over.
             return Ok(server);
         }
     }
@@ -463,7 +460,10 @@ impl Pool {
             self.note_starved(&st);
             st.settings.server_connect_timeout
         };
-        let result = Server::connect(&target, id, timeout).await;
+        let mut result = Server::connect(&target, id, timeout).await;
+        if let Ok(server) = &mut result {
+            server.generation = generation;
+        }
         {
             let mut st = self.lock();
             st.connecting -= 1;
@@ -477,7 +477,6 @@ impl Pool {
                         since: Instant::now(),
                         active: true,
                         prepared: 0,
-                        generation,
                     },
                 );
             }
@@ -544,10 +543,7 @@ impl Pool {
         let mut st = self.lock();
         let expired = !st.settings.server_lifetime.is_zero()
             && now.saturating_duration_since(server.created) >= st.settings.server_lifetime;
-        let retired = st
-            .servers
-            .get(&server.id)
-            .is_some_and(|s| s.generation < self.generation.load(Ordering::Acquire));
+        let retired = server.generation < self.generation.load(Ordering::Acquire);
         if server.broken {
             self.metrics.server_errors.increment(1);
         }
@@ -565,28 +561,28 @@ impl Pool {
             return;
         }
         server.last_used = now;
-        if let Some(info) = st.servers.get_mut(&server.id) {
-            info.prepared = server.prepared.as_ref().map_or(0, |p| p.len());
-            info.active = false;
-            info.since = now;
-        }
-        if st.paused {
-            st.idle.push(server);
-            self.note_starved(&st);
-            return;
-        }
-        while let Some(waiter) = st.waiters.pop_front() {
-            // The waiter marks the server active when it takes it.
-            match waiter.tx.send(Ok(server)) {
-                Ok(()) => {
-                    self.note_starved(&st);
-                    return;
+        let id = server.id;
+        let prepared = server.prepared.as_ref().map_or(0, |p| p.len());
+        let mut unclaimed = Some(server);
+        if !st.paused {
+            while let Some(waiter) = st.waiters.pop_front() {
+                let server = unclaimed.take().expect("held until a waiter takes it");
+                match waiter.tx.send(Ok(server)) {
+                    Ok(()) => break,
+                    Err(Ok(returned)) => unclaimed = Some(returned),
+                    Err(Err(_)) => unreachable!("only servers are sent here"),
                 }
-                Err(Ok(returned)) => server = returned,
-                Err(Err(_)) => unreachable!("only servers are sent here"),
             }
         }
-        st.idle.push(server);
+        if let Some(info) = st.servers.get_mut(&id) {
+            info.prepared = prepared;
+            // Handed over, it is in use from now on: its new client takes it as is.
+            info.active = unclaimed.is_none();
+            info.since = now;
+        }
+        if let Some(server) = unclaimed {
+            st.idle.push(server);
+        }
         self.note_starved(&st);
     }
 
@@ -856,10 +852,7 @@ impl Pool {
             let mut i = 0;
             while i < st.idle.len() {
                 let server = &st.idle[i];
-                let stale = st
-                    .servers
-                    .get(&server.id)
-                    .is_some_and(|m| m.generation < generation);
+                let stale = server.generation < generation;
                 let idle_too_long = !s.server_idle_timeout.is_zero()
                     && server.last_used.elapsed() >= s.server_idle_timeout
                     && st.open - retired.len() > s.min_size;

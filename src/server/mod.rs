@@ -95,6 +95,9 @@ pub struct Server {
     /// ParameterStatus values reported at login: the server's defaults.
     pub reported: Vec<(String, String)>,
     pub id: u64,
+    /// The pool's generation when it was opened: RECONNECT and target changes retire
+    /// older ones.
+    pub generation: u64,
     pub created: Instant,
     /// When it last changed hands: handed to a client, or given back to the pool.
     pub last_used: Instant,
@@ -169,6 +172,7 @@ impl Server {
             params: Arc::new(ParamSet::default()),
             reported: Vec::new(),
             id,
+            generation: 0,
             created: Instant::now(),
             last_used: Instant::now(),
             broken: false,
