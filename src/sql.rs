@@ -186,25 +186,25 @@ pub fn lead(text: &[u8]) -> Lead {
         return Lead::Other;
     };
     let rest = &text[start..];
-    if rest.starts_with(b"/*") || rest.starts_with(b"--") {
-        return Lead::Comment;
-    }
-    let len = rest
-        .iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
-        .unwrap_or(rest.len());
-    let word = &rest[..len];
-    // Comparing lengths first settles nearly every statement (SELECT, INSERT, ...)
-    // without comparing letters.
-    let is = |keyword: &[u8]| word.len() == keyword.len() && word.eq_ignore_ascii_case(keyword);
-    if is(b"set") {
-        Lead::Set
-    } else if is(b"reset") {
-        Lead::Reset
-    } else if is(b"discard") {
-        Lead::Discard
-    } else if is(b"deallocate") {
-        Lead::Deallocate
+    // The first letter names the one keyword it can be; nearly every statement
+    // (SELECT, INSERT, ...) is settled by it or by the next two or three letters.
+    let (keyword, lead): (&[u8], Lead) = match rest[0].to_ascii_lowercase() {
+        b'/' if rest.starts_with(b"/*") => return Lead::Comment,
+        b'-' if rest.starts_with(b"--") => return Lead::Comment,
+        b's' => (b"set", Lead::Set),
+        b'r' => (b"reset", Lead::Reset),
+        b'd' if rest.get(1).is_some_and(|b| b.eq_ignore_ascii_case(&b'i')) => {
+            (b"discard", Lead::Discard)
+        }
+        b'd' => (b"deallocate", Lead::Deallocate),
+        _ => return Lead::Other,
+    };
+    let n = keyword.len();
+    let whole_word = rest
+        .get(n)
+        .is_none_or(|&b| !(b.is_ascii_alphanumeric() || b == b'_'));
+    if rest.len() >= n && rest[..n].eq_ignore_ascii_case(keyword) && whole_word {
+        lead
     } else {
         Lead::Other
     }
@@ -269,6 +269,9 @@ mod tests {
         assert_eq!(lead(b"\nDEALLOCATE p1"), Lead::Deallocate);
         assert_eq!(lead(b"/* c */ set x = 1"), Lead::Comment);
         assert_eq!(lead(b"-- c\nset x = 1"), Lead::Comment);
+        assert_eq!(lead(b"set"), Lead::Set);
+        assert_eq!(lead(b"DISCARD"), Lead::Discard);
+        assert_eq!(lead(b"reset;"), Lead::Reset);
         for other in [
             &b"SELECT 1"[..],
             b"settle",
@@ -278,6 +281,11 @@ mod tests {
             b"-1",
             b"/1",
             b"set_config('a', 'b', false)",
+            b"settings",
+            b"discardall",
+            b"dealloc p1",
+            b"d",
+            b"resettable",
         ] {
             assert_eq!(
                 lead(other),
