@@ -911,7 +911,14 @@ impl Client {
             statements.reset_request();
         }
         let owed = self.tracker.owed();
-        let drained = tokio::time::timeout(CLEANUP_TIMEOUT, server.discard_until_ready(owed)).await;
+        // Boxed, like the other rare waits below: a timer inline would make every
+        // transaction's state larger, and that state is allocated and copied per
+        // transaction.
+        let drained = Box::pin(tokio::time::timeout(
+            CLEANUP_TIMEOUT,
+            server.discard_until_ready(owed),
+        ))
+        .await;
         let clean = matches!(drained, Ok(Ok(b'I')));
         pool.release(server, clean);
         self.tracker = Tracker::default();
@@ -1002,7 +1009,7 @@ impl Client {
                 .settings
                 .interval
                 .min(std::time::Duration::from_millis(50));
-            tokio::time::sleep(poll).await;
+            Box::pin(tokio::time::sleep(poll)).await;
         }
     }
 
@@ -1113,9 +1120,11 @@ impl Client {
         };
         let mut ok = true;
         for statement in reset.split("; ") {
-            let run =
-                tokio::time::timeout(CLEANUP_TIMEOUT, Box::pin(server.run_quietly(statement)))
-                    .await;
+            let run = Box::pin(tokio::time::timeout(
+                CLEANUP_TIMEOUT,
+                server.run_quietly(statement),
+            ))
+            .await;
             ok &= matches!(run, Ok(Ok(ref o)) if o.error.is_none() && o.status == b'I');
         }
         if ok && self.mode == PoolMode::Session {

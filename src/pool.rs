@@ -332,30 +332,9 @@ impl Pool {
                     }
                 },
                 Next::Paused(timeout) => {
-                    let resumed = self.resumed.notified();
-                    tokio::pin!(resumed);
-                    resumed.as_mut().enable();
-                    let _held = {
-                        let mut st = self.lock();
-                        if !st.paused {
-                            continue;
-                        }
-                        st.held.push(start);
-                        Held {
-                            pool: self,
-                            since: start,
-                        }
-                    };
-                    let remaining = timeout.saturating_sub(start.elapsed());
-                    tokio::select! {
-                        r = tokio::time::timeout(remaining, resumed) => {
-                            if r.is_err() {
-                                self.metrics.wait.record(start.elapsed().as_secs_f64());
-                                return Err(Error::PoolTimeout(timeout));
-                            }
-                        }
-                        _ = cancel.raised(interrupt::KILL) => return Err(Error::Killed),
-                    }
+                    // Boxed: a PAUSE is rare, and its timer and notification would
+                    // otherwise make every transaction's state larger.
+                    Box::pin(self.wait_for_resume(timeout, cancel, start)).await?;
                     continue;
                 }
                 Next::Wait(rx, timeout, starved) => {
@@ -379,6 +358,41 @@ impl Pool {
             // it was opened, or as its last client handed it over.
             return Ok(server);
         }
+    }
+
+    /// Waits, during a PAUSE, until RESUME (or until the pause is found over already),
+    /// within what is left of `timeout` since `start`.
+    async fn wait_for_resume(
+        &self,
+        timeout: Duration,
+        cancel: &Interrupt,
+        start: Instant,
+    ) -> Result<()> {
+        let resumed = self.resumed.notified();
+        tokio::pin!(resumed);
+        resumed.as_mut().enable();
+        let _held = {
+            let mut st = self.lock();
+            if !st.paused {
+                return Ok(());
+            }
+            st.held.push(start);
+            Held {
+                pool: self,
+                since: start,
+            }
+        };
+        let remaining = timeout.saturating_sub(start.elapsed());
+        tokio::select! {
+            r = tokio::time::timeout(remaining, resumed) => {
+                if r.is_err() {
+                    self.metrics.wait.record(start.elapsed().as_secs_f64());
+                    return Err(Error::PoolTimeout(timeout));
+                }
+            }
+            _ = cancel.raised(interrupt::KILL) => return Err(Error::Killed),
+        }
+        Ok(())
     }
 
     /// Waits for a server handed over by `release`, or for the expiry task's timeout.
