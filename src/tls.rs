@@ -479,7 +479,10 @@ impl ClientStream {
         };
         match self {
             ClientStream::Plain(tcp) => loop {
-                tcp.readable().await?;
+                // `poll_read_ready` uses the socket's one reader slot; `readable()`
+                // would put a node in its list of waiters, locked twice per wait, and
+                // make every idle client's state larger by that node.
+                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
                 reserve(buf);
                 // One poll of an ordinary read rather than `try_read_buf`: a short read
                 // through `poll_read` also clears the socket's readiness, which spares
