@@ -14,7 +14,9 @@
 # How many events one wake-up of the event loop handles varies from run to run, so
 # short runs scatter by 10%; 200 extra transactions per client bring that to a few.
 #
-# Environment: PGMUX_BIN (default: cargo build --release, target/release/pgmux),
+# Environment: BENCH_POOLER (pgmux, the default, or pgbouncer: Debian's PgBouncer,
+# configured as in bench/run.sh, counted the same way), PGMUX_BIN (default: cargo build
+# --release, target/release/pgmux),
 # PG_BIN (default /usr/lib/postgresql/15/bin), BENCH_CLIENTS (default 100; more than the
 # pool of 20, so clients queue for servers as at 500), BENCH_TRANSACTIONS (extra
 # transactions per client, default 200), BENCH_PG_PORT (default 25442),
@@ -32,6 +34,12 @@ case $PROTOCOL in simple | extended | prepared) ;; *)
     exit 2
     ;;
 esac
+POOLER=${BENCH_POOLER:-pgmux}
+case $POOLER in pgmux | pgbouncer) ;; *)
+    echo "instructions.sh: BENCH_POOLER must be pgmux or pgbouncer" >&2
+    exit 2
+    ;;
+esac
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_PORT=${BENCH_PG_PORT:-25442}
 MUX_PORT=${BENCH_PGMUX_PORT:-26442}
@@ -41,7 +49,10 @@ EXTRA=${BENCH_TRANSACTIONS:-200}
 if ! command -v valgrind >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
 fi
-if [ -z "${PGMUX_BIN:-}" ]; then
+if [ "$POOLER" = pgbouncer ] && ! command -v pgbouncer >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null
+fi
+if [ "$POOLER" = pgmux ] && [ -z "${PGMUX_BIN:-}" ]; then
     (cd "$ROOT" && cargo build --release -q)
     PGMUX_BIN=$ROOT/target/release/pgmux
 fi
@@ -52,6 +63,7 @@ MUX_PID=
 cleanup() {
     set +e
     stop_pid "$MUX_PID"
+    pkill -f "callgrind-out-file=$TMP/" 2>/dev/null
     pg "$PG_BIN/pg_ctl" stop -D "$TMP/data" -m immediate >/dev/null 2>&1
     rm -rf "$TMP"
 }
@@ -80,12 +92,35 @@ password = "unused"
 host = "127.0.0.1"
 port = $PG_PORT
 CONF
+# PgBouncer configured alike: transaction pooling, pool 20, trust, same port.
+cat >"$TMP/pgbouncer.ini" <<CONF
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $MUX_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $TMP/users.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 1000
+logfile = $TMP/pgbouncer.log
+CONF
+echo '"postgres" ""' >"$TMP/users.txt"
+chown postgres "$TMP/pgbouncer.ini" "$TMP/users.txt"
 
-# Total instructions of one pgmux process that served CLIENTS x $1 transactions.
+# Total instructions of one pooler process that served CLIENTS x $1 transactions.
 count() {
     local out=$TMP/callgrind.$1
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$PGMUX_BIN" -c "$TMP/pgmux.toml" \
-        --log-level warn 2>"$TMP/valgrind.log" &
+    if [ "$POOLER" = pgmux ]; then
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$PGMUX_BIN" \
+            -c "$TMP/pgmux.toml" --log-level warn 2>"$TMP/valgrind.log" &
+    else
+        # PgBouncer refuses to run as root.
+        pg valgrind --tool=callgrind --callgrind-out-file="$out" pgbouncer -q \
+            "$TMP/pgbouncer.ini" 2>"$TMP/valgrind.log" &
+    fi
     MUX_PID=$!
     for _ in $(seq 300); do
         (exec 3<>"/dev/tcp/127.0.0.1/$MUX_PORT") 2>/dev/null && break
@@ -94,7 +129,13 @@ count() {
     "$PG_BIN/pgbench" -n -S -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$1" \
         -h 127.0.0.1 -p "$MUX_PORT" -U postgres postgres >"$TMP/pgbench.$1" 2>&1 ||
         { cat "$TMP/pgbench.$1" >&2; exit 1; }
-    kill -INT "$MUX_PID"
+    # SIGINT: pgmux and PgBouncer both exit once no client is left, and callgrind
+    # writes its totals as they do.
+    if [ "$POOLER" = pgmux ]; then
+        kill -INT "$MUX_PID"
+    else
+        pkill -INT -f "callgrind-out-file=$out" || true
+    fi
     wait "$MUX_PID" || true
     MUX_PID=
     awk '/^summary:/ {print $2}' "$out"
@@ -102,4 +143,4 @@ count() {
 
 few=$(count 10)
 many=$(count $((10 + EXTRA)))
-python3 -c "print(f'instructions per transaction (-M $PROTOCOL, $CLIENTS clients): {($many - $few) / ($EXTRA * $CLIENTS):.0f}')"
+python3 -c "print(f'$POOLER instructions per transaction (-M $PROTOCOL, $CLIENTS clients): {($many - $few) / ($EXTRA * $CLIENTS):.0f}')"
