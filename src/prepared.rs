@@ -885,6 +885,7 @@ impl ClientStatements {
     }
 
     /// Whether the next answer owed to the client is one of pgmux's own.
+    #[inline]
     pub fn synthetic_due(&self) -> bool {
         matches!(self.expect.front(), Some(Expect::Synthetic(..)))
     }

@@ -564,7 +564,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             };
             if action == Action::Answered {
                 self.client.flow.splice_ready(frame.len, &[]);
-                self.emit_synthetic();
                 continue;
             }
             let t = &mut *self.tracker;
@@ -614,6 +613,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 tag::TERMINATE => {
                     // Not forwarded: the server stays with the pool.
                     self.terminate = true;
+                    self.emit_synthetic();
                     return Ok(());
                 }
                 other => {
@@ -629,20 +629,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 }
                 _ => self.client.flow.accept(frame),
             }
-            self.emit_synthetic();
         }
+        // Once for all the frames: no server message is framed in between, so the
+        // answers owed come out at the same place in the stream as if emitted after
+        // each frame.
+        self.emit_synthetic();
         Ok(())
     }
 
     /// Writes the answers pgmux owes the client in place of messages it did not send,
     /// once everything before them has been answered.
+    /// Inlined: it runs after every server message, and nearly always finds nothing due.
+    #[inline]
     fn emit_synthetic(&mut self) {
+        let due = self
+            .client
+            .prepared
+            .as_deref()
+            .is_some_and(ClientStatements::synthetic_due);
+        if due && !self.server.flow.mid_message() {
+            self.emit_synthetic_now();
+        }
+    }
+
+    fn emit_synthetic_now(&mut self) {
         let Some(statements) = self.client.prepared.as_deref_mut() else {
             return;
         };
-        if !statements.synthetic_due() || self.server.flow.mid_message() {
-            return;
-        }
         let mut answers = BytesMut::new();
         statements.drain_synthetic(self.tracker.status(), &mut answers);
         self.server.flow.splice_ready(0, &answers);
