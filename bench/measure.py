@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 RUN_FIELDS = [
     "run_mode", "cell", "workload", "protocol", "clients", "threads", "target",
-    "order_in_cell", "duration_s", "status", "exit_code", "tps", "lat_avg_ms",
+    "order_in_cell", "round", "duration_s", "status", "exit_code", "tps", "lat_avg_ms",
     "lat_p50_ms", "lat_p99_ms", "lat_avg_pgbench_ms", "transactions", "failed_tx",
     "aborted_clients", "conn_time_ms", "pooler_cpu_s", "pooler_cpu_us_per_tx",
     "pooler_rss_max_kb", "pooler_vmhwm_kb", "pgbench_cpu_s", "wall_s", "started_at",
@@ -223,8 +223,8 @@ def cmd_run(a):
     row = {
         "run_mode": a.run_mode, "cell": a.cell, "workload": a.workload,
         "protocol": a.protocol, "clients": a.clients, "threads": a.threads,
-        "target": a.target, "order_in_cell": a.order, "duration_s": a.duration,
-        "command": shown_command(cmd, log_prefix),
+        "target": a.target, "order_in_cell": a.order, "round": a.round,
+        "duration_s": a.duration, "command": shown_command(cmd, log_prefix),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     pid = a.pid if a.pid and a.pid > 0 else None
@@ -300,9 +300,10 @@ def cmd_run(a):
     else:
         row["status"] = "ok"
     append_row(a.csv, RUN_FIELDS, row)
-    print("  %-9s %-6s %-8s c=%-5s %-8s tps=%-10s avg=%-8s p99=%-8s cpu/tx=%sus rss=%skB %s"
-          % (a.target, a.workload, a.protocol, a.clients, row["status"], row.get("tps"),
-             row.get("lat_avg_ms"), row.get("lat_p99_ms"),
+    print("  r%-2s %-9s %-6s %-8s c=%-5s %-8s tps=%-10s avg=%-8s p99=%-8s cpu/tx=%sus "
+          "rss=%skB %s"
+          % (a.round, a.target, a.workload, a.protocol, a.clients, row["status"],
+             row.get("tps"), row.get("lat_avg_ms"), row.get("lat_p99_ms"),
              row.get("pooler_cpu_us_per_tx", "-"), row.get("pooler_rss_max_kb", "-"),
              row.get("note", "")[:120]), flush=True)
     return 0
@@ -311,12 +312,13 @@ def cmd_run(a):
 def cmd_skip(a):
     row = {"run_mode": a.run_mode, "cell": a.cell, "workload": a.workload,
            "protocol": a.protocol, "clients": a.clients, "threads": a.threads,
-           "target": a.target, "order_in_cell": a.order, "duration_s": a.duration,
-           "status": "n/a", "note": a.reason,
+           "target": a.target, "order_in_cell": a.order, "round": a.round,
+           "duration_s": a.duration, "status": "n/a", "note": a.reason,
            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     append_row(a.csv, RUN_FIELDS, row)
-    print("  %-9s %-6s %-8s c=%-5s n/a (%s)" % (a.target, a.workload, a.protocol,
-                                               a.clients, a.reason), flush=True)
+    print("  r%-2s %-9s %-6s %-8s c=%-5s n/a (%s)" % (a.round, a.target, a.workload,
+                                                     a.protocol, a.clients, a.reason),
+          flush=True)
     return 0
 
 
@@ -412,7 +414,9 @@ def main():
 
     def cell(sp):
         sp.add_argument("--cell", type=int, default=0)
-        sp.add_argument("--order", type=int, default=0)
+        sp.add_argument("--order", type=int, default=0, help="position within the round")
+        sp.add_argument("--round", type=int, default=1,
+                        help="which round of the cell (run.sh repeats each cell)")
         sp.add_argument("--workload", choices=sorted(WORKLOAD_FLAGS), required=True)
         sp.add_argument("--protocol", choices=["simple", "extended", "prepared"],
                         required=True)

@@ -13,12 +13,24 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 from xml.sax.saxutils import escape
 
 TARGET_ORDER = ["direct", "pgmux", "pgbouncer"]
 COLORS = {"direct": "#555555", "pgmux": "#d9480f", "pgbouncer": "#1c7ed6"}
 WORKLOAD_NAMES = {"select": "select-only (-S)", "tpcb": "TPC-B-like"}
+
+# The bar pgmux is measured against: many clients on a pool of 20, where a pooler earns
+# its keep, compared with PgBouncer there and with direct connections at few clients.
+BAR_CLIENTS = 500
+BAR_DIRECT_CLIENTS = 20
+BAR_TARGET_TPS = 1.3
+BAR_TARGET_CPU = 0.8
+BAR_TARGET_DIRECT = 0.8
+# Fewer rounds than this cannot tell a difference of a few per cent from the scatter of
+# single runs (about ±10% on the reference machine).
+ENOUGH_ROUNDS = 3
 
 
 # ---------------------------------------------------------------- helpers
@@ -53,6 +65,74 @@ def read_csv(path):
         return []
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_runs(path):
+    """results.csv, with the round of every run as an int. A CSV written before cells
+    were repeated has no round column: its one run per cell is round 1."""
+    rows = read_csv(path)
+    for r in rows:
+        r["round"] = int(num(r.get("round")) or 1)
+    return rows
+
+
+def group_runs(rows):
+    """{(workload, protocol, clients, target): its runs in the order of their rounds}"""
+    runs = {}
+    for r in rows:
+        key = (r["workload"], r["protocol"], int(r["clients"]), r["target"])
+        runs.setdefault(key, []).append(r)
+    for key in runs:
+        runs[key].sort(key=lambda r: (r["round"], num(r["order_in_cell"]) or 0))
+    return runs
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(runs):
+    """The rounds of one target in one cell: medians and ranges over the rounds that
+    finished ok (a round that failed says nothing about the steady state)."""
+    made = [r for r in runs if r["status"] != "n/a"]
+    ok = [r for r in made if r["status"] == "ok"]
+    s = {"runs": runs, "made": made, "ok": ok}
+    for key in ("tps", "lat_p99_ms", "pooler_cpu_us_per_tx"):
+        values = [num(r[key]) for r in ok if num(r[key]) is not None]
+        s[key] = median(values)
+        s[key + "_lo"] = min(values) if values else None
+        s[key + "_hi"] = max(values) if values else None
+    return s
+
+
+def plot_rows(summaries):
+    """One row per (cell, target) for the plots: the medians of the clean rounds; if no
+    round was clean, the median of what the rounds measured, marked as not ok."""
+    rows = []
+    for (w, p, c, t), s in summaries.items():
+        row = {"workload": w, "protocol": p, "clients": c, "target": t}
+        if not s["made"]:
+            row["status"] = "n/a"
+        else:
+            bad = [r["status"] for r in s["made"] if r["status"] != "ok"]
+            row["status"] = bad[0] if bad else "ok"
+        for key in ("tps", "lat_p99_ms"):
+            if s["ok"]:
+                row[key] = s[key]
+                row[key + "_lo"], row[key + "_hi"] = s[key + "_lo"], s[key + "_hi"]
+            else:
+                row[key] = median([num(r[key]) for r in s["made"]
+                                   if num(r[key]) is not None])
+        rows.append(row)
+    return rows
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fr(value):
+    return "–" if value is None else "%.2f" % value
 
 
 # ---------------------------------------------------------------- machine facts
@@ -151,8 +231,9 @@ def svg_plot(rows, metric, ylabel, title, path, log_y=False):
                        '<text x="%d" y="44">%s</text>'
                        % (lx, lx + 24, COLORS[t], lx + 12, COLORS[t], lx + 30, t))
             lx += 110
-    out.append('<text x="%d" y="44" fill="#333">× = run with aborted clients, failed '
-               'transactions or timeout (value shown as measured; 0 if none)</text>' % lx)
+    out.append('<text x="%d" y="44" fill="#333">× = a round with aborted clients, failed '
+               'transactions or timeout (median of the clean rounds shown, else as measured; '
+               '0 if none)</text>' % lx)
     for wi, workload in enumerate(workloads):
         cols = [p for p in protocols if (workload, p) in panels]
         for ci, proto in enumerate(cols):
@@ -162,7 +243,9 @@ def svg_plot(rows, metric, ylabel, title, path, log_y=False):
                     and r["status"] != "n/a"]
             clients = sorted({int(r["clients"]) for r in rows
                               if r["workload"] == workload and r["protocol"] == proto})
-            values = [num(r[metric]) for r in prow if num(r[metric]) is not None]
+            values = [num(r.get(k)) for r in prow for k in (metric, metric + "_lo",
+                                                             metric + "_hi")
+                      if num(r.get(k)) is not None]
             out.append('<text x="%d" y="%d" font-size="12" font-weight="bold" '
                        'text-anchor="middle">%s, -M %s</text>'
                        % (x0 + pw / 2, y0 - 10, escape(WORKLOAD_NAMES.get(workload, workload)),
@@ -232,7 +315,17 @@ def svg_plot(rows, metric, ylabel, title, path, log_y=False):
                         v = 0.0
                     if v is None:
                         continue
-                    pts.append((xmap(int(r["clients"])), ymap(v), bad))
+                    x = xmap(int(r["clients"]))
+                    lo, hi = num(r.get(metric + "_lo")), num(r.get(metric + "_hi"))
+                    if lo is not None and hi is not None and hi > lo:
+                        # The lowest to the highest of the rounds behind the median, set
+                        # apart a little per target so that overlapping ranges stay visible.
+                        bx = x + 4 * (TARGET_ORDER.index(t) - 1)
+                        out.append('<path d="M%.1f %.1fH%.1fM%.1f %.1fV%.1fM%.1f %.1fH%.1f" '
+                                   'stroke="%s" stroke-width="1.2" fill="none"/>'
+                                   % (bx - 3, ymap(lo), bx + 3, bx, ymap(lo), ymap(hi),
+                                      bx - 3, ymap(hi), bx + 3, COLORS[t]))
+                    pts.append((x, ymap(v), bad))
                 if len(pts) > 1:
                     out.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>'
                                % (COLORS[t], " ".join("%.1f,%.1f" % (x, y) for x, y, _ in pts)))
@@ -250,6 +343,84 @@ def svg_plot(rows, metric, ylabel, title, path, log_y=False):
 
 
 # ---------------------------------------------------------------- markdown
+
+def write_bar(add, cells, targets, summary, rounds):
+    """## Against the bar: pgmux at BAR_CLIENTS clients against PgBouncer in the same
+    cell, and against direct connections at BAR_DIRECT_CLIENTS clients."""
+    add("## Against the bar")
+    add("")
+    add("The bar: at %d clients with pool 20, pgmux serves at least PgBouncer's TPS with "
+        "no more CPU per transaction; the target is %.1fx PgBouncer's TPS at %.1fx its "
+        "CPU per transaction and at least %.1fx the TPS of direct connections at %d "
+        "clients." % (BAR_CLIENTS, BAR_TARGET_TPS, BAR_TARGET_CPU, BAR_TARGET_DIRECT,
+                      BAR_DIRECT_CLIENTS))
+    add("")
+    if "pgmux" not in targets or "pgbouncer" not in targets:
+        add("Not judged: this run did not include both pgmux and PgBouncer.")
+        add("")
+        return
+    bar_cells = [(w, p, c) for w, p, c in cells
+                 if c == BAR_CLIENTS and w in ("select", "tpcb")
+                 and summary(w, p, c, "pgbouncer")["made"]]
+    if not bar_cells:
+        add("Not judged: no select-only or TPC-B cell at %d clients that PgBouncer ran."
+            % BAR_CLIENTS)
+        add("")
+        return
+    if rounds < ENOUGH_ROUNDS:
+        add("With %s per cell, this verdict rests on too few rounds to separate a "
+            "difference from noise (single runs on the reference machine scatter by about ±10%%)."
+            % ("%d rounds" % rounds if rounds > 1 else "one round"))
+    else:
+        add("Ratios of the medians over the rounds that finished ok (%d rounds per cell)."
+            % rounds)
+    add("")
+    add("| workload | -M | pgmux / pgbouncer TPS | pgmux / pgbouncer CPU/tx | "
+        "pgmux at %d / direct at %d TPS | matches PgBouncer | target |"
+        % (BAR_CLIENTS, BAR_DIRECT_CLIENTS))
+    add("|---|---|--:|--:|--:|---|---|")
+    thin = []
+    for w, p, c in bar_cells:
+        m, b = summary(w, p, c, "pgmux"), summary(w, p, c, "pgbouncer")
+        d = summary(w, p, BAR_DIRECT_CLIENTS, "direct")
+        # Verdicts are taken on the ratios as shown (two decimals), so that a row never
+        # reads "1.00" next to "no".
+        tps = ratio(m["tps"], b["tps"])
+        cpu = ratio(m["pooler_cpu_us_per_tx"], b["pooler_cpu_us_per_tx"])
+        direct = ratio(m["tps"], d["tps"])
+        tps, cpu, direct = [None if x is None else round(x, 2) for x in (tps, cpu, direct)]
+        add("| %s | %s | %s | %s | %s | %s | %s |" % (
+            WORKLOAD_NAMES.get(w, w), p, fr(tps), fr(cpu), fr(direct),
+            verdict([at_least(tps, 1.0), at_most(cpu, 1.0)]),
+            verdict([at_least(tps, BAR_TARGET_TPS), at_most(cpu, BAR_TARGET_CPU),
+                     at_least(direct, BAR_TARGET_DIRECT)])))
+        fewest = min(len(m["ok"]), len(b["ok"]))
+        if rounds > 1 and fewest < rounds:
+            thin.append("%s -M %s: pgmux %d, PgBouncer %d of %d rounds finished ok"
+                        % (WORKLOAD_NAMES.get(w, w), p, len(m["ok"]), len(b["ok"]), rounds))
+    add("")
+    for line in thin:
+        add("- " + line)
+    if thin:
+        add("")
+
+
+def at_least(value, bound):
+    return None if value is None else value >= bound
+
+
+def at_most(value, bound):
+    return None if value is None else value <= bound
+
+
+def verdict(checks):
+    """yes when every check passes, no when one fails, – when one cannot be made."""
+    if any(c is False for c in checks):
+        return "no"
+    if any(c is None for c in checks):
+        return "–"
+    return "yes"
+
 
 def write_markdown(a, rows, idle, facts):
     lines = []
@@ -275,11 +446,13 @@ def write_markdown(a, rows, idle, facts):
     add(sh(["free", "-g"], keep_indent=True))
     add("```")
     add("")
+    rounds = max([r["round"] for r in rows] or [1])
     add("Setup: PostgreSQL on loopback, `pgbench -i -s 10`, fsync off. pgmux and PgBouncer "
         "in transaction mode with 20 server connections, md5 authentication for clients "
-        "and server (also for direct connections). pgbench `-j 2`; the order of the three "
-        "targets rotates from cell to cell. Everything (PostgreSQL, pooler, pgbench) "
-        "shares the same %s CPUs." % (sh(["nproc"]) or "?"))
+        "and server (also for direct connections). pgbench `-j 2`; each cell ran %s of "
+        "the targets back to back, and their order rotates from round to round and from "
+        "cell to cell. Everything (PostgreSQL, pooler, pgbench) shares the same %s CPUs."
+        % ("%d rounds" % rounds if rounds > 1 else "one round", sh(["nproc"]) or "?"))
     add("")
 
     # TPS overview
@@ -289,42 +462,77 @@ def write_markdown(a, rows, idle, facts):
         if key not in cells:
             cells.append(key)
     targets = [t for t in TARGET_ORDER if any(r["target"] == t for r in rows)]
-    by = {(r["workload"], r["protocol"], int(r["clients"]), r["target"]): r for r in rows}
+    runs = group_runs(rows)
+    summaries = {key: summarize(v) for key, v in runs.items()}
+    empty = summarize([])
 
-    def cell_text(r):
-        if r is None:
+    def summary(w, p, c, t):
+        return summaries.get((w, p, c, t), empty)
+
+    def cell_text(s):
+        if not s["runs"]:
             return "–"
-        if r["status"] == "n/a":
-            return "n/a (unsupported)" if "unsupported" in r.get("note", "") else "n/a"
-        text = f(r["tps"], 0)
-        if r["status"] != "ok":
-            text += " (%s)" % r["status"]
-        return text
+        if not s["made"]:
+            return "n/a (unsupported)" if "unsupported" in s["runs"][0].get("note", "") \
+                else "n/a"
+        notes = []
+        if s["ok"]:
+            text = f(s["tps"], 0)
+            if len(s["ok"]) > 1:
+                notes.append("%s–%s" % (f(s["tps_lo"], 0), f(s["tps_hi"], 0)))
+        else:
+            text = f(median([num(r["tps"]) for r in s["made"] if num(r["tps"]) is not None]),
+                     0)
+        bad = [r["status"] for r in s["made"] if r["status"] != "ok"]
+        if bad and len(s["made"]) == 1:
+            notes.append(bad[0])
+        elif bad:
+            notes.append("%s of %d rounds" % (", ".join("%s in %d" % (b, bad.count(b))
+                                                        for b in sorted(set(bad))),
+                                              len(s["made"])))
+        return text + (" (%s)" % "; ".join(notes) if notes else "")
 
+    poolers = [t for t in ("pgmux", "pgbouncer") if t in targets]
+    both = len(poolers) == 2
     if rows:
         add("## Throughput (TPS, excluding connection time)")
         add("")
+        if rounds > 1:
+            add("Each number is the median over the rounds that finished ok, with the lowest "
+                "and highest of them in brackets; pooler CPU per transaction is the median "
+                "too, and the ratios are ratios of medians.")
+        else:
+            add("One round per cell: each number is a single run, which on the reference "
+                "machine scatters by about ±10%.")
+        add("")
         head = "| workload | -M | clients | " + " | ".join(targets)
         extra = [t for t in targets if t != "direct"] if "direct" in targets else []
-        head += "".join(" | %s / direct" % t for t in extra) + " |"
-        add(head)
-        add("|---|---|--:|" + "--:|" * (len(targets) + len(extra)))
+        head += "".join(" | %s / direct" % t for t in extra)
+        head += "".join(" | %s CPU µs/tx" % t for t in poolers)
+        if both:
+            head += " | pgmux / pgbouncer TPS | pgmux / pgbouncer CPU/tx"
+        add(head + " |")
+        add("|---|---|--:|" + "--:|" * (len(targets) + len(extra) + len(poolers)
+                                         + (2 if both else 0)))
         for w, p, c in cells:
             parts = [WORKLOAD_NAMES.get(w, w), p, str(c)]
-            parts += [cell_text(by.get((w, p, c, t))) for t in targets]
-            d = by.get((w, p, c, "direct"))
+            parts += [cell_text(summary(w, p, c, t)) for t in targets]
+            d = summary(w, p, c, "direct")
             for t in extra:
-                r = by.get((w, p, c, t))
-                dt, rt = num(d["tps"]) if d else None, num(r["tps"]) if r else None
-                ok = r is not None and r["status"] == "ok" and d is not None \
-                    and d["status"] == "ok"
-                parts.append("%.2f" % (rt / dt) if ok and dt and rt is not None else "–")
+                parts.append(fr(ratio(summary(w, p, c, t)["tps"], d["tps"])))
+            for t in poolers:
+                parts.append(f(summary(w, p, c, t)["pooler_cpu_us_per_tx"], 1))
+            if both:
+                m, b = summary(w, p, c, "pgmux"), summary(w, p, c, "pgbouncer")
+                parts.append(fr(ratio(m["tps"], b["tps"])))
+                parts.append(fr(ratio(m["pooler_cpu_us_per_tx"], b["pooler_cpu_us_per_tx"])))
             add("| " + " | ".join(parts) + " |")
         add("")
         add("![TPS by number of clients](tps.svg)")
         add("")
         add("![p99 latency by number of clients](p99.svg)")
         add("")
+        write_bar(add, cells, targets, summary, rounds)
         add("## All runs")
         add("")
         add("Latencies are from pgbench's per-transaction log (successful transactions "
@@ -333,32 +541,34 @@ def write_markdown(a, rows, idle, facts):
             "completed. RSS max is the highest VmRSS sampled every 100 ms during the run; "
             "VmHWM is the process's lifetime peak at the end of the run.")
         add("")
-        add("| workload | -M | clients | target | status | TPS | avg ms | p99 ms | "
+        add("| workload | -M | clients | target | round | status | TPS | avg ms | p99 ms | "
             "failed tx | aborted clients | pooler CPU µs/tx | pooler RSS max MiB | "
             "VmHWM MiB |")
-        add("|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        add("|---|---|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         for w, p, c in cells:
             for t in targets:
-                r = by.get((w, p, c, t))
-                if r is None:
-                    continue
-                add("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                    WORKLOAD_NAMES.get(w, w), p, c, t,
-                    "n/a (unsupported)" if r["status"] == "n/a" else r["status"],
-                    f(r["tps"], 0), f(r["lat_avg_ms"], 2), f(r["lat_p99_ms"], 2),
-                    r["failed_tx"] or "–", r["aborted_clients"] or "–",
-                    "n/a" if t == "direct" else f(r["pooler_cpu_us_per_tx"], 1),
-                    "n/a" if t == "direct" else f(r["pooler_rss_max_kb"], 1, 1 / 1024.0),
-                    "n/a" if t == "direct" else f(r["pooler_vmhwm_kb"], 1, 1 / 1024.0)))
+                for r in runs.get((w, p, c, t), []):
+                    add("| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | "
+                        "%s |" % (
+                            WORKLOAD_NAMES.get(w, w), p, c, t, r["round"],
+                            "n/a (unsupported)" if r["status"] == "n/a" else r["status"],
+                            f(r["tps"], 0), f(r["lat_avg_ms"], 2), f(r["lat_p99_ms"], 2),
+                            r["failed_tx"] or "–", r["aborted_clients"] or "–",
+                            "n/a" if t == "direct" else f(r["pooler_cpu_us_per_tx"], 1),
+                            "n/a" if t == "direct" else f(r["pooler_rss_max_kb"], 1,
+                                                          1 / 1024.0),
+                            "n/a" if t == "direct" else f(r["pooler_vmhwm_kb"], 1,
+                                                          1 / 1024.0)))
         add("")
         problems = [r for r in rows if r["status"] not in ("ok",)]
         if problems:
             add("### Runs that did not finish cleanly")
             add("")
             for r in problems:
-                add("- %s -M %s, %s clients, %s: **%s**: %s" % (
+                add("- %s -M %s, %s clients, %s%s: **%s**: %s" % (
                     WORKLOAD_NAMES.get(r["workload"], r["workload"]), r["protocol"],
                     r["clients"], r["target"],
+                    ", round %d" % r["round"] if rounds > 1 and r["status"] != "n/a" else "",
                     "n/a" if r["status"] == "n/a" else r["status"],
                     (r.get("note") or "").replace("|", "\\|").replace("\n", " ")))
             add("")
@@ -428,16 +638,21 @@ def main():
     p.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--targets", default="direct pgmux pgbouncer")
     a = p.parse_args()
-    rows = read_csv(os.path.join(a.results, "results.csv"))
+    rows = read_runs(os.path.join(a.results, "results.csv"))
     idle = read_csv(os.path.join(a.results, "idle_memory.csv"))
     if rows and a.run_mode == "?":
         a.run_mode = rows[0]["run_mode"]
     facts = machine_facts(a)
-    svg_plot(rows, "tps", "transactions per second",
-             "pgbench TPS vs clients (%s mode; × = errors)" % a.run_mode,
+    # The plots show one point per cell and target: the median over its rounds.
+    medians = plot_rows({k: summarize(v) for k, v in group_runs(rows).items()})
+    rounds = max([r["round"] for r in rows] or [1])
+    over = "median of %d rounds, bars: lowest to highest; " % rounds if rounds > 1 else ""
+    svg_plot(medians, "tps", "transactions per second",
+             "pgbench TPS vs clients (%s mode; %s× = errors)" % (a.run_mode, over),
              os.path.join(a.results, "tps.svg"))
-    svg_plot(rows, "lat_p99_ms", "p99 latency, ms (log scale)",
-             "pgbench p99 latency vs clients (%s mode)" % a.run_mode,
+    svg_plot(medians, "lat_p99_ms", "p99 latency, ms (log scale)",
+             "pgbench p99 latency vs clients (%s mode%s)"
+             % (a.run_mode, "; " + over.rstrip("; ") if over else ""),
              os.path.join(a.results, "p99.svg"), log_y=True)
     write_markdown(a, rows, idle, facts)
 

@@ -6,7 +6,8 @@
 # Starts a throwaway PostgreSQL 15 (pgbench scale 10, fsync off), pgmux and PgBouncer
 # (both in transaction mode, pool size 20, md5 auth), measures memory per idle client,
 # then runs pgbench against direct / pgmux / PgBouncer in turn for each
-# (workload, query mode, clients) cell. Results: bench/results/. See bench/README.md.
+# (workload, query mode, clients) cell, BENCH_ROUNDS times per cell. Results:
+# bench/results/. See bench/README.md.
 #
 # Environment:
 #   PGMUX_BIN            pgmux binary to use; unset: `cargo build --release` and use
@@ -18,6 +19,8 @@
 #                        ports (defaults 25432, 26432, 27432, 29930)
 #   BENCH_TARGETS        subset of "direct pgmux pgbouncer" (default: all three)
 #   BENCH_DURATION       seconds per pgbench run (default 5 quick, 60 full)
+#   BENCH_ROUNDS         rounds of all targets per cell (default 3 quick, 1 full); the
+#                        report shows the median over the rounds and their range
 #   BENCH_CLIENTS        client counts for every workload (default: per mode)
 #   BENCH_IDLE_CLIENTS   idle clients for the memory test (default 10000; 0 skips it)
 #   BENCH_GRACE          seconds past the duration before `timeout` kills pgbench
@@ -66,6 +69,7 @@ IDLE_CLIENTS=${BENCH_IDLE_CLIENTS:-10000}
 # The benchmark matrix. Each line: workload protocols client-counts.
 if [ "$MODE" = quick ]; then
     DURATION=${BENCH_DURATION:-5}
+    ROUNDS=${BENCH_ROUNDS:-3}
     GRACE=${BENCH_GRACE:-15}
     MATRIX=(
         "select simple,extended,prepared ${BENCH_CLIENTS:-20 500}"
@@ -73,6 +77,7 @@ if [ "$MODE" = quick ]; then
     )
 else
     DURATION=${BENCH_DURATION:-60}
+    ROUNDS=${BENCH_ROUNDS:-1}
     GRACE=${BENCH_GRACE:-60}
     MATRIX=(
         "select simple,extended,prepared ${BENCH_CLIENTS:-20 100 500 1000}"
@@ -85,6 +90,9 @@ read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
     case $t in direct | pgmux | pgbouncer) ;; *) die "unknown target '$t' in BENCH_TARGETS" ;; esac
 done
+case $ROUNDS in *[!0-9]*) die "BENCH_ROUNDS must be a positive number, not '$ROUNDS'" ;; esac
+ROUNDS=$((10#$ROUNDS))
+[ "$ROUNDS" -gt 0 ] || die "BENCH_ROUNDS must be at least 1"
 want() { case " ${TARGET_LIST[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # ------------------------------------------------------------------ prerequisites
@@ -382,7 +390,7 @@ fi
 
 # ------------------------------------------------------------------ pgbench matrix
 CSV=$RESULTS/results.csv
-say "pgbench matrix: ${DURATION}s per run, -j $THREADS, targets: $TARGETS"
+say "pgbench matrix: ${DURATION}s per run, -j $THREADS, $ROUNDS round(s) per cell, targets: $TARGETS"
 start_poolers
 NT=${#TARGET_LIST[@]}
 
@@ -402,41 +410,52 @@ for line in "${MATRIX[@]}"; do
     for proto in "${protos[@]}"; do
         for clients in "${client_counts[@]}"; do
             cell=$((cell + 1))
-            say "cell $cell: $workload -M $proto, $clients clients"
-            for ((k = 0; k < NT; k++)); do
-                # Rotate the order from cell to cell so that no target always goes first.
-                target=${TARGET_LIST[$(((k + cell) % NT))]}
-                common=(--csv "$CSV" --run-mode "$MODE" --cell "$cell" --order "$((k + 1))"
-                    --target "$target" --workload "$workload" --protocol "$proto"
-                    --clients "$clients" --threads "$THREADS" --duration "$DURATION")
-                if [ "$target" = pgbouncer ] && [ "$proto" = prepared ] && ! $BOUNCER_PREPARED &&
-                    [ "${BENCH_PGBOUNCER_PREPARED:-}" != run ]; then
-                    python3 "$BENCH_DIR/measure.py" skip "${common[@]}" \
-                        --reason "unsupported: PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode (needs 1.21+)"
-                    continue
-                fi
-                # A pooler that died in an earlier run is restarted so the rest still runs.
-                if [ "$target" = pgmux ] && ! kill -0 "$MUX_PID" 2>/dev/null; then
-                    say "pgmux is not running; restarting it"
-                    start_pgmux
-                fi
-                if [ "$target" = pgbouncer ] && ! kill -0 "$BOUNCER_PID" 2>/dev/null; then
-                    say "pgbouncer is not running; restarting it"
-                    start_pgbouncer
-                fi
-                prepare_db "$workload" || say "preparing the database failed; running anyway"
-                sleep 1
-                fg_child python3 "$BENCH_DIR/measure.py" run "${common[@]}" \
-                    --port "$(port_of "$target")" --pid "$(pid_of "$target")" \
-                    --user "$DB_USER" --password "$DB_PASS" --dbname "$DB_NAME" \
-                    --pgbench "$PG_BIN/pgbench" --grace "$GRACE" --clk-tck "$CLK_TCK" \
-                    --logdir "$TMP/pgbench-logs" ||
-                    say "measurement of $target failed; continuing"
+            # One run on this machine scatters by about 10%, too much to tell two
+            # poolers apart: each cell runs all targets ROUNDS times, and the report
+            # takes the median over the rounds.
+            for ((round = 1; round <= ROUNDS; round++)); do
+                say "cell $cell, round $round of $ROUNDS: $workload -M $proto, $clients clients"
+                for ((k = 0; k < NT; k++)); do
+                    # Rotate the order from round to round and from cell to cell, so that
+                    # no target always goes first.
+                    target=${TARGET_LIST[$(((k + cell + round - 1) % NT))]}
+                    common=(--csv "$CSV" --run-mode "$MODE" --cell "$cell" --order "$((k + 1))"
+                        --round "$round" --target "$target" --workload "$workload"
+                        --protocol "$proto" --clients "$clients" --threads "$THREADS"
+                        --duration "$DURATION")
+                    if [ "$target" = pgbouncer ] && [ "$proto" = prepared ] && ! $BOUNCER_PREPARED &&
+                        [ "${BENCH_PGBOUNCER_PREPARED:-}" != run ]; then
+                        # A run that is not made is recorded once, not once per round.
+                        if [ "$round" -eq 1 ]; then
+                            python3 "$BENCH_DIR/measure.py" skip "${common[@]}" \
+                                --reason "unsupported: PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode (needs 1.21+)"
+                        fi
+                        continue
+                    fi
+                    # A pooler that died in an earlier run is restarted so the rest still runs.
+                    if [ "$target" = pgmux ] && ! kill -0 "$MUX_PID" 2>/dev/null; then
+                        say "pgmux is not running; restarting it"
+                        start_pgmux
+                    fi
+                    if [ "$target" = pgbouncer ] && ! kill -0 "$BOUNCER_PID" 2>/dev/null; then
+                        say "pgbouncer is not running; restarting it"
+                        start_pgbouncer
+                    fi
+                    prepare_db "$workload" || say "preparing the database failed; running anyway"
+                    sleep 1
+                    fg_child python3 "$BENCH_DIR/measure.py" run "${common[@]}" \
+                        --port "$(port_of "$target")" --pid "$(pid_of "$target")" \
+                        --user "$DB_USER" --password "$DB_PASS" --dbname "$DB_NAME" \
+                        --pgbench "$PG_BIN/pgbench" --grace "$GRACE" --clk-tck "$CLK_TCK" \
+                        --logdir "$TMP/pgbench-logs" ||
+                        say "measurement of $target failed; continuing"
+                done
             done
         done
     done
 done
 note_cmd "pgbench -h 127.0.0.1 -p PORT -U $DB_USER -c CLIENTS -j $THREADS -T $DURATION -M {simple|extended|prepared} [-S] -n --max-tries=1 -l $DB_NAME  (wrapped in: timeout -k 10 $((DURATION + GRACE)); per-run commands are in results.csv)"
+note_cmd "each cell: $ROUNDS round(s) of all targets back to back, the order rotating from round to round and cell to cell"
 note_cmd "before each run: CHECKPOINT; before TPC-B runs also TRUNCATE pgbench_history; VACUUM pgbench_branches, pgbench_tellers"
 note_cmd "pgmux --config pgmux.toml --log-level warn   (config below)"
 note_cmd "setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer pgbouncer.ini   (config below)"
