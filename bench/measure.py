@@ -33,6 +33,9 @@ RUN_FIELDS = [
     "aborted_clients", "conn_time_ms", "pooler_cpu_s", "pooler_cpu_us_per_tx",
     "pooler_rss_max_kb", "pooler_vmhwm_kb", "pgbench_cpu_s", "wall_s", "started_at",
     "note", "command",
+    # Added later, at the end so that older CSVs still line up column by column.
+    "pg_cpu_s", "pg_cpu_us_per_tx", "pgbench_cpu_us_per_tx", "machine_busy_s",
+    "machine_idle_s", "machine_busy_us_per_tx", "machine_idle_us_per_tx",
 ]
 
 IDLE_FIELDS = [
@@ -58,17 +61,99 @@ def proc_status_kb(pid, key):
     return None
 
 
-def proc_cpu_ticks(pid):
-    """utime + stime of the whole process (all threads), in clock ticks."""
+def proc_stat_fields(pid):
+    """The fields of /proc/PID/stat from field 3 (state) on, or None. fields[k] is
+    field k + 3: ppid (4) is fields[1], utime, stime, cutime, cstime (14-17) are
+    fields[11:15]."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             data = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces or parentheses: split after the last ')'.
-    fields = data[data.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return int(fields[11]) + int(fields[12])
+    return data[data.rindex(")") + 2:].split()
+
+
+def proc_cpu_ticks(pid):
+    """utime + stime of the whole process (all threads), in clock ticks."""
+    fields = proc_stat_fields(pid)
+    return None if fields is None else int(fields[11]) + int(fields[12])
+
+
+def postmaster_pid(data_dir):
+    """The postmaster's pid: the first line of DATA/postmaster.pid."""
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid")) as f:
+            return int(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def pg_cpu_ticks(postmaster):
+    """CPU time of PostgreSQL as a whole, in clock ticks, and how many children the
+    postmaster has: (ticks, children), or (None, 0).
+
+    Every PostgreSQL process is a child of the postmaster. The postmaster's own
+    utime+stime plus its cutime+cstime (the CPU of children that exited and that it
+    reaped) plus the CPU of its live children only grows: a backend that exits moves
+    from the live sum into cutime/cstime. So the difference of two readings is all the
+    CPU PostgreSQL used in between, also when backends start and end on the way (each
+    direct pgbench client has a backend of its own). A live child counts its own
+    cutime+cstime too, since those also move into the postmaster's when it exits."""
+    for _ in range(5):
+        own = proc_stat_fields(postmaster)
+        if own is None:
+            return None, 0
+        ticks, children = 0, 0
+        for path in glob.glob("/proc/[0-9]*/stat"):
+            pid = int(path.split("/")[2])
+            fields = proc_stat_fields(pid)
+            if fields is None or int(fields[1]) != postmaster:
+                continue
+            ticks += sum(int(x) for x in fields[11:15])
+            children += 1
+        again = proc_stat_fields(postmaster)
+        if again is None:
+            return None, 0
+        # A child reaped during the scan is either missed or counted twice; the
+        # postmaster's cutime/cstime then moved, and the reading is taken again.
+        if again[13:15] == own[13:15]:
+            return ticks + sum(int(x) for x in again[11:15]), children
+    return ticks + sum(int(x) for x in again[11:15]), children
+
+
+def wait_for_backends(postmaster, children, limit=3.0):
+    """After a run, wait until the backends of its clients are gone: a direct client's
+    backend exits after pgbench has, and the CPU of its exit belongs to the run. Stop
+    when the postmaster has no more children than before the run, or when their number
+    has not moved for 0.2 s (a pooler may have opened server connections it keeps)."""
+    deadline = time.monotonic() + limit
+    last, still = None, 0
+    while time.monotonic() < deadline:
+        ticks, now = pg_cpu_ticks(postmaster)
+        if ticks is None or now <= children:
+            return
+        still = still + 1 if now == last else 0
+        if still >= 4:
+            return
+        last = now
+        time.sleep(0.05)
+
+
+def machine_cpu_ticks():
+    """(busy, idle) clock ticks of all CPUs since boot, from the first line of
+    /proc/stat: busy = user+nice+system+irq+softirq+steal, idle = idle+iowait (guest
+    time is already part of user)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = \
+        [int(x) for x in (fields[1:9] + ["0"] * 8)[:8]]
+    return user + nice + system + irq + softirq + steal, idle + iowait
 
 
 class RssSampler(threading.Thread):
@@ -229,11 +314,14 @@ def cmd_run(a):
     }
     pid = a.pid if a.pid and a.pid > 0 else None
     tick = a.clk_tck or os.sysconf("SC_CLK_TCK")
+    postmaster = postmaster_pid(a.pg_data) if a.pg_data else None
+    pg0, pg_children = pg_cpu_ticks(postmaster) if postmaster else (None, 0)
     cpu0 = proc_cpu_ticks(pid) if pid else None
     sampler = RssSampler(pid) if pid else None
     if sampler:
         sampler.start()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine0 = machine_cpu_ticks()
     t0 = time.monotonic()
     env = dict(os.environ, PGPASSWORD=a.password)
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -242,6 +330,7 @@ def cmd_run(a):
     stdout, stderr = child.communicate()
     CHILD[0] = None
     wall = time.monotonic() - t0
+    machine1 = machine_cpu_ticks()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rc = child.returncode
     row["wall_s"] = round(wall, 2)
@@ -252,6 +341,10 @@ def cmd_run(a):
         row["pooler_rss_max_kb"] = sampler.stop()
         row["pooler_vmhwm_kb"] = proc_status_kb(pid, "VmHWM")
     cpu1 = proc_cpu_ticks(pid) if pid else None
+    pg1 = None
+    if pg0 is not None:
+        wait_for_backends(postmaster, pg_children)
+        pg1 = pg_cpu_ticks(postmaster)[0]
 
     with open(os.path.join(a.logdir, "pgbench.out"), "w") as f:
         f.write("$ %s\n--- stdout\n%s--- stderr\n%s" % (" ".join(cmd), stdout, stderr))
@@ -280,6 +373,21 @@ def cmd_run(a):
         row["pooler_cpu_s"] = round(cpu_s, 3)
         if row["transactions"]:
             row["pooler_cpu_us_per_tx"] = fmt(cpu_s / row["transactions"] * 1e6, 2)
+    tx = row["transactions"]
+    if pg0 is not None and pg1 is not None:
+        pg_s = (pg1 - pg0) / float(tick)
+        row["pg_cpu_s"] = round(pg_s, 3)
+        if tx:
+            row["pg_cpu_us_per_tx"] = fmt(pg_s / tx * 1e6, 2)
+    if tx:
+        row["pgbench_cpu_us_per_tx"] = fmt(row["pgbench_cpu_s"] / tx * 1e6, 2)
+    if machine0 and machine1:
+        busy_s = (machine1[0] - machine0[0]) / float(tick)
+        idle_s = (machine1[1] - machine0[1]) / float(tick)
+        row["machine_busy_s"], row["machine_idle_s"] = round(busy_s, 3), round(idle_s, 3)
+        if tx:
+            row["machine_busy_us_per_tx"] = fmt(busy_s / tx * 1e6, 2)
+            row["machine_idle_us_per_tx"] = fmt(idle_s / tx * 1e6, 2)
 
     err = first_error(stderr)
     if timed_out:
@@ -301,11 +409,12 @@ def cmd_run(a):
         row["status"] = "ok"
     append_row(a.csv, RUN_FIELDS, row)
     print("  r%-2s %-9s %-6s %-8s c=%-5s %-8s tps=%-10s avg=%-8s p99=%-8s cpu/tx=%sus "
-          "rss=%skB %s"
+          "pg/tx=%sus pgbench/tx=%sus busy/tx=%sus rss=%skB %s"
           % (a.round, a.target, a.workload, a.protocol, a.clients, row["status"],
              row.get("tps"), row.get("lat_avg_ms"), row.get("lat_p99_ms"),
-             row.get("pooler_cpu_us_per_tx", "-"), row.get("pooler_rss_max_kb", "-"),
-             row.get("note", "")[:120]), flush=True)
+             row.get("pooler_cpu_us_per_tx", "-"), row.get("pg_cpu_us_per_tx", "-"),
+             row.get("pgbench_cpu_us_per_tx", "-"), row.get("machine_busy_us_per_tx", "-"),
+             row.get("pooler_rss_max_kb", "-"), row.get("note", "")[:120]), flush=True)
     return 0
 
 
@@ -431,6 +540,9 @@ def main():
     r.add_argument("--grace", type=int, default=30,
                    help="seconds past --duration before timeout kills pgbench")
     r.add_argument("--clk-tck", type=int, default=0)
+    r.add_argument("--pg-data", default="",
+                   help="PostgreSQL's data directory, to find the postmaster and measure "
+                        "PostgreSQL's CPU (empty: not measured)")
     r.add_argument("--logdir", required=True)
 
     s = sub.add_parser("skip")

@@ -67,12 +67,26 @@ def read_csv(path):
         return list(csv.DictReader(fh))
 
 
+# Columns that later versions of measure.py added at the end of results.csv.
+LATER_COLUMNS = ["pg_cpu_s", "pg_cpu_us_per_tx", "pgbench_cpu_us_per_tx", "machine_busy_s",
+                 "machine_idle_s", "machine_busy_us_per_tx", "machine_idle_us_per_tx"]
+
+
 def read_runs(path):
     """results.csv, with the round of every run as an int. A CSV written before cells
-    were repeated has no round column: its one run per cell is round 1."""
+    were repeated has no round column: its one run per cell is round 1. One written
+    before PostgreSQL's and the machine's CPU were measured lacks those columns: they
+    read as empty, except pgbench's CPU per transaction, which its CPU time and
+    transactions give."""
     rows = read_csv(path)
     for r in rows:
         r["round"] = int(num(r.get("round")) or 1)
+        for key in LATER_COLUMNS:
+            if r.get(key) is None:
+                r[key] = ""
+        cpu, tx = num(r.get("pgbench_cpu_s")), num(r.get("transactions"))
+        if num(r["pgbench_cpu_us_per_tx"]) is None and cpu is not None and tx:
+            r["pgbench_cpu_us_per_tx"] = cpu / tx * 1e6
     return rows
 
 
@@ -186,6 +200,15 @@ def machine_facts(a):
         facts.append(("pgmux", "%s; binary %s" % (version, a.pgmux_bin)))
     facts.append(("python", platform.python_version()))
     return facts
+
+
+def cpu_count(facts):
+    """The CPUs PostgreSQL, the pooler and pgbench share: nproc from the machine facts,
+    else what Python sees."""
+    try:
+        return int(dict(facts).get("nproc") or 0) or os.cpu_count()
+    except ValueError:
+        return os.cpu_count()
 
 
 # ---------------------------------------------------------------- SVG plots
@@ -405,6 +428,143 @@ def write_bar(add, cells, targets, summary, rounds):
         add("")
 
 
+# The CPU per transaction of each part, as (column, heading) in the order shown.
+CPU_PARTS = [("pooler_cpu_us_per_tx", "pooler"), ("pg_cpu_us_per_tx", "PostgreSQL"),
+             ("pgbench_cpu_us_per_tx", "pgbench")]
+
+
+def cpu_sum(r):
+    """pooler + PostgreSQL + pgbench CPU per transaction of one run (direct runs have
+    no pooler), or None when a part was not measured."""
+    parts = [num(r.get(key)) for key, _ in CPU_PARTS]
+    if r["target"] == "direct":
+        parts[0] = 0.0
+    return None if None in parts else sum(parts)
+
+
+def ceiling_tps(r, ncpu):
+    """The TPS of one run had the pooler used no CPU at all: every CPU busy with
+    PostgreSQL and pgbench, at their CPU per transaction in that run."""
+    pg, bench = num(r.get("pg_cpu_us_per_tx")), num(r.get("pgbench_cpu_us_per_tx"))
+    if pg is None or bench is None or pg + bench <= 0 or not ncpu:
+        return None
+    return ncpu * 1e6 / (pg + bench)
+
+
+def write_cpu(add, cells, targets, runs, ncpu):
+    """## Where the CPU goes: the CPU per transaction of the pooler, PostgreSQL, pgbench
+    and the machine at BAR_CLIENTS clients (and direct at BAR_DIRECT_CLIENTS), and the
+    TPS a pooler could reach at most on this machine."""
+    add("## Where the CPU goes")
+    add("")
+    groups = []
+    for w, p, c in cells:
+        if c == BAR_CLIENTS and (w, p) not in groups:
+            groups.append((w, p))
+    if not groups:
+        add("No cell at %d clients in this run." % BAR_CLIENTS)
+        add("")
+        return
+    if not any(num(r["pg_cpu_us_per_tx"]) is not None for v in runs.values() for r in v):
+        add("Not measured: these results come from a version of the benchmark that did "
+            "not record the CPU of PostgreSQL and of the machine.")
+        add("")
+        return
+
+    def ok_runs(w, p, c, t):
+        return [r for r in runs.get((w, p, c, t), []) if r["status"] == "ok"]
+
+    def med(rs, value):
+        return median([v for v in (value(r) for r in rs) if v is not None])
+
+    add("CPU time per transaction in µs: the median over the rounds that finished ok. "
+        "Pooler, PostgreSQL (all its processes) and pgbench are user + system time of "
+        "those processes; machine busy and idle are the time all %s CPUs spent busy and "
+        "idle (from `/proc/stat`) while pgbench ran. Busy minus the three is the rest: "
+        "interrupt work the kernel does not charge to a process, the benchmark's own "
+        "bookkeeping, and anything else running on the machine."
+        % (ncpu or "?"))
+    add("")
+    add("| workload | -M | clients | target | TPS | pooler | PostgreSQL | pgbench | "
+        "pooler + PostgreSQL + pgbench | machine busy | machine idle |")
+    add("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|")
+    for w, p in groups:
+        rows = [(BAR_DIRECT_CLIENTS, "direct")] if "direct" in targets else []
+        rows += [(BAR_CLIENTS, t) for t in targets]
+        for c, t in rows:
+            rs = ok_runs(w, p, c, t)
+            if not rs:
+                continue
+            add("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                WORKLOAD_NAMES.get(w, w), p, c, t, f(med(rs, lambda r: num(r["tps"])), 0),
+                "n/a" if t == "direct" else
+                f(med(rs, lambda r: num(r["pooler_cpu_us_per_tx"])), 1),
+                f(med(rs, lambda r: num(r["pg_cpu_us_per_tx"])), 1),
+                f(med(rs, lambda r: num(r["pgbench_cpu_us_per_tx"])), 1),
+                f(med(rs, cpu_sum), 1),
+                f(med(rs, lambda r: num(r["machine_busy_us_per_tx"])), 1),
+                f(med(rs, lambda r: num(r["machine_idle_us_per_tx"])), 1)))
+    add("")
+    poolers = [t for t in ("pgmux", "pgbouncer") if t in targets]
+    if not poolers:
+        return
+    add("### The most a pooler could reach here")
+    add("")
+    add("PostgreSQL, pgbench and the pooler share the same %s CPUs, so every µs of CPU "
+        "a transaction costs PostgreSQL and pgbench is taken from what a pooler could "
+        "use. Even a pooler that used no CPU at all would serve at most %s × 1,000,000 / "
+        "(PostgreSQL + pgbench µs per transaction) transactions per second, and only "
+        "with every CPU busy; the pooler's own CPU and any idle time bring its TPS "
+        "below that. So on this machine a pooler's TPS is bounded by the ceiling below, "
+        "taken at the CPU per transaction PostgreSQL and pgbench spent in the same "
+        "runs (the median over the rounds), and a target above it cannot be met by "
+        "pgmux or by any other pooler." % (ncpu or "?", ncpu or "N"))
+    add("")
+    add("| workload | -M | target | PostgreSQL + pgbench µs/tx | TPS if the pooler used "
+        "no CPU at all | measured TPS | measured / ceiling | PgBouncer TPS × %.1f |"
+        % BAR_TARGET_TPS)
+    add("|---|---|---|--:|--:|--:|--:|--:|")
+    verdicts = []
+    for w, p in groups:
+        bouncer = med(ok_runs(w, p, BAR_CLIENTS, "pgbouncer"), lambda r: num(r["tps"]))
+        goal = None if bouncer is None else bouncer * BAR_TARGET_TPS
+        ceilings = {}
+        for t in poolers:
+            rs = ok_runs(w, p, BAR_CLIENTS, t)
+            if not rs:
+                continue
+            both = med(rs, lambda r: None if num(r["pg_cpu_us_per_tx"]) is None
+                       or num(r["pgbench_cpu_us_per_tx"]) is None
+                       else num(r["pg_cpu_us_per_tx"]) + num(r["pgbench_cpu_us_per_tx"]))
+            ceiling = med(rs, lambda r: ceiling_tps(r, ncpu))
+            tps = med(rs, lambda r: num(r["tps"]))
+            ceilings[t] = ceiling
+            add("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                WORKLOAD_NAMES.get(w, w), p, t, f(both, 1), f(ceiling, 0), f(tps, 0),
+                fr(ratio(tps, ceiling)), f(goal, 0)))
+        m, b = ceilings.get("pgmux"), ceilings.get("pgbouncer")
+        if goal is None or m is None:
+            continue
+        name = "%s -M %s" % (WORKLOAD_NAMES.get(w, w), p)
+        if goal > max(m, b or 0):
+            verdicts.append("%s: %.1fx PgBouncer's TPS (%s) is above the ceiling of every "
+                            "run, so no pooler reaches it on this machine."
+                            % (name, BAR_TARGET_TPS, f(goal, 0)))
+        elif goal > m:
+            verdicts.append("%s: %.1fx PgBouncer's TPS (%s) is above the ceiling at the "
+                            "CPU PostgreSQL and pgbench spent behind pgmux (%s), below "
+                            "the one behind PgBouncer (%s)."
+                            % (name, BAR_TARGET_TPS, f(goal, 0), f(m, 0), f(b, 0)))
+        else:
+            verdicts.append("%s: %.1fx PgBouncer's TPS (%s) is below the ceiling behind "
+                            "pgmux (%s)." % (name, BAR_TARGET_TPS, f(goal, 0), f(m, 0)))
+    add("")
+    for line in verdicts:
+        add("- " + line)
+    if verdicts:
+        add("")
+
+
 def at_least(value, bound):
     return None if value is None else value >= bound
 
@@ -533,28 +693,31 @@ def write_markdown(a, rows, idle, facts):
         add("![p99 latency by number of clients](p99.svg)")
         add("")
         write_bar(add, cells, targets, summary, rounds)
+        write_cpu(add, cells, targets, runs, cpu_count(facts))
         add("## All runs")
         add("")
         add("Latencies are from pgbench's per-transaction log (successful transactions "
             "only). Pooler CPU is utime+stime of the pooler process over the whole "
             "pgbench run (connection setup included), divided by the transactions pgbench "
-            "completed. RSS max is the highest VmRSS sampled every 100 ms during the run; "
-            "VmHWM is the process's lifetime peak at the end of the run.")
+            "completed; PostgreSQL CPU is measured the same way over all of PostgreSQL's "
+            "processes (see `bench/README.md`), pgbench CPU is pgbench's own. RSS max is the highest VmRSS sampled every 100 ms "
+            "during the run; VmHWM is the process's lifetime peak at the end of the run.")
         add("")
         add("| workload | -M | clients | target | round | status | TPS | avg ms | p99 ms | "
-            "failed tx | aborted clients | pooler CPU µs/tx | pooler RSS max MiB | "
-            "VmHWM MiB |")
-        add("|---|---|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+            "failed tx | aborted clients | pooler CPU µs/tx | PostgreSQL CPU µs/tx | "
+            "pgbench CPU µs/tx | pooler RSS max MiB | VmHWM MiB |")
+        add("|---|---|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for w, p, c in cells:
             for t in targets:
                 for r in runs.get((w, p, c, t), []):
                     add("| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | "
-                        "%s |" % (
+                        "%s | %s | %s |" % (
                             WORKLOAD_NAMES.get(w, w), p, c, t, r["round"],
                             "n/a (unsupported)" if r["status"] == "n/a" else r["status"],
                             f(r["tps"], 0), f(r["lat_avg_ms"], 2), f(r["lat_p99_ms"], 2),
                             r["failed_tx"] or "–", r["aborted_clients"] or "–",
                             "n/a" if t == "direct" else f(r["pooler_cpu_us_per_tx"], 1),
+                            f(r["pg_cpu_us_per_tx"], 1), f(r["pgbench_cpu_us_per_tx"], 1),
                             "n/a" if t == "direct" else f(r["pooler_rss_max_kb"], 1,
                                                           1 / 1024.0),
                             "n/a" if t == "direct" else f(r["pooler_vmhwm_kb"], 1,

@@ -6,8 +6,9 @@
 # Starts a throwaway PostgreSQL 15 (pgbench scale 10, fsync off), pgmux and PgBouncer
 # (both in transaction mode, pool size 20, md5 auth), measures memory per idle client,
 # then runs pgbench against direct / pgmux / PgBouncer in turn for each
-# (workload, query mode, clients) cell, BENCH_ROUNDS times per cell. Results:
-# bench/results/. See bench/README.md.
+# (workload, query mode, clients) cell, BENCH_ROUNDS times per cell, recording the CPU
+# per transaction of the pooler, PostgreSQL and pgbench and of the machine as a whole.
+# Results: bench/results/. See bench/README.md.
 #
 # Environment:
 #   PGMUX_BIN            pgmux binary to use; unset: `cargo build --release` and use
@@ -447,7 +448,7 @@ for line in "${MATRIX[@]}"; do
                         --port "$(port_of "$target")" --pid "$(pid_of "$target")" \
                         --user "$DB_USER" --password "$DB_PASS" --dbname "$DB_NAME" \
                         --pgbench "$PG_BIN/pgbench" --grace "$GRACE" --clk-tck "$CLK_TCK" \
-                        --logdir "$TMP/pgbench-logs" ||
+                        --pg-data "$DATA" --logdir "$TMP/pgbench-logs" ||
                         say "measurement of $target failed; continuing"
                 done
             done
