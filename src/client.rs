@@ -34,8 +34,8 @@ use crate::{App, ClientState, Pools};
 /// Entry point for an accepted connection: the future its task runs.
 ///
 /// Not an `async fn`: one would hold the session future and, moved into it, the same
-/// future wrapped in its span, side by side, which about tripled what an idle client
-/// costs. Returning the wrapped future makes it the task's whole state.
+/// future wrapped in its span, side by side, and every client's task would carry the
+/// session's space twice. Returning the wrapped future makes it the task's whole state.
 pub fn handle(
     app: Arc<App>,
     stream: TcpStream,
