@@ -1217,9 +1217,11 @@ mod tests {
         let stream = TcpStream::connect(addr).await.unwrap();
         let task = handle(app, stream, addr);
         let size = std::mem::size_of_val(&task);
-        // 1,024 bytes in test builds when this was written (1,000 in release builds);
-        // with the session future held twice it was over 3,000.
-        assert!(size <= 1_280, "a client's task state grew to {size} bytes");
+        // When this was written: 1,024 bytes in test builds and 1,000 in release builds.
+        // With `handle` an `async fn` holding the session future twice it was 1,144 in
+        // test builds and 3,248 in release builds. A change that needs more must say
+        // so here, knowing every idle client pays for it.
+        assert!(size <= 1_100, "a client's task state grew to {size} bytes");
     }
 
     #[test]
