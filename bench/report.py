@@ -442,16 +442,23 @@ def cpu_sum(r):
     return None if None in parts else sum(parts)
 
 
+def pg_and_pgbench(r):
+    """PostgreSQL + pgbench CPU per transaction of one run, or None when either was not
+    measured."""
+    pg, bench = num(r.get("pg_cpu_us_per_tx")), num(r.get("pgbench_cpu_us_per_tx"))
+    return None if pg is None or bench is None else pg + bench
+
+
 def ceiling_tps(r, ncpu):
     """The TPS of one run had the pooler used no CPU at all: every CPU busy with
     PostgreSQL and pgbench, at their CPU per transaction in that run."""
-    pg, bench = num(r.get("pg_cpu_us_per_tx")), num(r.get("pgbench_cpu_us_per_tx"))
-    if pg is None or bench is None or pg + bench <= 0 or not ncpu:
+    both = pg_and_pgbench(r)
+    if both is None or both <= 0 or not ncpu:
         return None
-    return ncpu * 1e6 / (pg + bench)
+    return ncpu * 1e6 / both
 
 
-def write_cpu(add, cells, targets, runs, ncpu):
+def write_cpu(add, cells, targets, summary, ncpu):
     """## Where the CPU goes: the CPU per transaction of the pooler, PostgreSQL, pgbench
     and the machine at BAR_CLIENTS clients (and direct at BAR_DIRECT_CLIENTS), and the
     TPS a pooler could reach at most on this machine."""
@@ -465,14 +472,12 @@ def write_cpu(add, cells, targets, runs, ncpu):
         add("No cell at %d clients in this run." % BAR_CLIENTS)
         add("")
         return
-    if not any(num(r["pg_cpu_us_per_tx"]) is not None for v in runs.values() for r in v):
+    if not any(num(r["pg_cpu_us_per_tx"]) is not None
+               for w, p, c in cells for t in targets for r in summary(w, p, c, t)["runs"]):
         add("Not measured: these results come from a version of the benchmark that did "
             "not record the CPU of PostgreSQL and of the machine.")
         add("")
         return
-
-    def ok_runs(w, p, c, t):
-        return [r for r in runs.get((w, p, c, t), []) if r["status"] == "ok"]
 
     def med(rs, value):
         return median([v for v in (value(r) for r in rs) if v is not None])
@@ -492,7 +497,7 @@ def write_cpu(add, cells, targets, runs, ncpu):
         rows = [(BAR_DIRECT_CLIENTS, "direct")] if "direct" in targets else []
         rows += [(BAR_CLIENTS, t) for t in targets]
         for c, t in rows:
-            rs = ok_runs(w, p, c, t)
+            rs = summary(w, p, c, t)["ok"]
             if not rs:
                 continue
             add("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
@@ -526,16 +531,14 @@ def write_cpu(add, cells, targets, runs, ncpu):
     add("|---|---|---|--:|--:|--:|--:|--:|")
     verdicts = []
     for w, p in groups:
-        bouncer = med(ok_runs(w, p, BAR_CLIENTS, "pgbouncer"), lambda r: num(r["tps"]))
+        bouncer = med(summary(w, p, BAR_CLIENTS, "pgbouncer")["ok"], lambda r: num(r["tps"]))
         goal = None if bouncer is None else bouncer * BAR_TARGET_TPS
         ceilings = {}
         for t in poolers:
-            rs = ok_runs(w, p, BAR_CLIENTS, t)
+            rs = summary(w, p, BAR_CLIENTS, t)["ok"]
             if not rs:
                 continue
-            both = med(rs, lambda r: None if num(r["pg_cpu_us_per_tx"]) is None
-                       or num(r["pgbench_cpu_us_per_tx"]) is None
-                       else num(r["pg_cpu_us_per_tx"]) + num(r["pgbench_cpu_us_per_tx"]))
+            both = med(rs, pg_and_pgbench)
             ceiling = med(rs, lambda r: ceiling_tps(r, ncpu))
             tps = med(rs, lambda r: num(r["tps"]))
             ceilings[t] = ceiling
@@ -582,7 +585,7 @@ def verdict(checks):
     return "yes"
 
 
-def write_markdown(a, rows, idle, facts):
+def write_markdown(a, rows, runs, summaries, rounds, idle, facts):
     lines = []
     add = lines.append
     finished = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -608,7 +611,6 @@ def write_markdown(a, rows, idle, facts):
     add(sh(["free", "-g"], keep_indent=True))
     add("```")
     add("")
-    rounds = max([r["round"] for r in rows] or [1])
     add("Setup: PostgreSQL on loopback, `pgbench -i -s 10`, fsync off. pgmux and PgBouncer "
         "in transaction mode with 20 server connections, md5 authentication for clients "
         "and server (also for direct connections). pgbench `-j 2`; each cell ran %s of "
@@ -624,8 +626,6 @@ def write_markdown(a, rows, idle, facts):
         if key not in cells:
             cells.append(key)
     targets = [t for t in TARGET_ORDER if any(r["target"] == t for r in rows)]
-    runs = group_runs(rows)
-    summaries = {key: summarize(v) for key, v in runs.items()}
     empty = summarize([])
 
     def summary(w, p, c, t):
@@ -695,7 +695,7 @@ def write_markdown(a, rows, idle, facts):
         add("![p99 latency by number of clients](p99.svg)")
         add("")
         write_bar(add, cells, targets, summary, rounds)
-        write_cpu(add, cells, targets, runs, cpu_count(facts))
+        write_cpu(add, cells, targets, summary, cpu_count(facts))
         add("## All runs")
         add("")
         add("Latencies are from pgbench's per-transaction log (successful transactions "
@@ -808,9 +808,11 @@ def main():
     if rows and a.run_mode == "?":
         a.run_mode = rows[0]["run_mode"]
     facts = machine_facts(a)
-    # The plots show one point per cell and target: the median over its rounds.
-    medians = plot_rows({k: summarize(v) for k, v in group_runs(rows).items()})
+    runs = group_runs(rows)
+    summaries = {key: summarize(v) for key, v in runs.items()}
     rounds = max([r["round"] for r in rows] or [1])
+    # The plots show one point per cell and target: the median over its rounds.
+    medians = plot_rows(summaries)
     over = "median of %d rounds, bars: lowest to highest; " % rounds if rounds > 1 else ""
     svg_plot(medians, "tps", "transactions per second",
              "pgbench TPS vs clients (%s mode; %s× = errors)" % (a.run_mode, over),
@@ -819,7 +821,7 @@ def main():
              "pgbench p99 latency vs clients (%s mode%s)"
              % (a.run_mode, "; " + over.rstrip("; ") if over else ""),
              os.path.join(a.results, "p99.svg"), log_y=True)
-    write_markdown(a, rows, idle, facts)
+    write_markdown(a, rows, runs, summaries, rounds, idle, facts)
 
 
 if __name__ == "__main__":
