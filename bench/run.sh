@@ -403,6 +403,63 @@ prepare_db() { # before every run: same starting state for all targets
     psql_admin -d "$DB_NAME" -c "CHECKPOINT"
 }
 
+# Whether a target cannot run a query mode at all: PgBouncer before 1.21 has no
+# prepared statements in transaction mode.
+unsupported() { # target proto
+    [ "$1" = pgbouncer ] && [ "$2" = prepared ] && ! $BOUNCER_PREPARED &&
+        [ "${BENCH_PGBOUNCER_PREPARED:-}" != run ]
+}
+
+# One pgbench run of one target in one round of a cell.
+run_target() { # cell round k target workload proto clients
+    local cell=$1 round=$2 k=$3 target=$4 workload=$5 proto=$6 clients=$7
+    local common=(--csv "$CSV" --run-mode "$MODE" --cell "$cell" --order "$((k + 1))"
+        --round "$round" --target "$target" --workload "$workload"
+        --protocol "$proto" --clients "$clients" --threads "$THREADS"
+        --duration "$DURATION")
+    if unsupported "$target" "$proto"; then
+        # A run that is not made is recorded once, not once per round.
+        if [ "$round" -eq 1 ]; then
+            python3 "$BENCH_DIR/measure.py" skip "${common[@]}" \
+                --reason "unsupported: PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode (needs 1.21+)"
+        fi
+        return 0
+    fi
+    # A pooler that died in an earlier run is restarted so the rest still runs.
+    if [ "$target" = pgmux ] && ! kill -0 "$MUX_PID" 2>/dev/null; then
+        say "pgmux is not running; restarting it"
+        start_pgmux
+    fi
+    if [ "$target" = pgbouncer ] && ! kill -0 "$BOUNCER_PID" 2>/dev/null; then
+        say "pgbouncer is not running; restarting it"
+        start_pgbouncer
+    fi
+    prepare_db "$workload" || say "preparing the database failed; running anyway"
+    sleep 1
+    fg_child python3 "$BENCH_DIR/measure.py" run "${common[@]}" \
+        --port "$(port_of "$target")" --pid "$(pid_of "$target")" \
+        --user "$DB_USER" --password "$DB_PASS" --dbname "$DB_NAME" \
+        --pgbench "$PG_BIN/pgbench" --grace "$GRACE" --clk-tck "$CLK_TCK" \
+        --pg-data "$DATA" --logdir "$TMP/pgbench-logs" ||
+        say "measurement of $target failed; continuing"
+}
+
+# One run on this machine scatters by about 10%, too much to tell two poolers apart:
+# each cell runs all targets ROUNDS times, and the report takes the median over the
+# rounds.
+run_cell() { # cell workload proto clients
+    local cell=$1 workload=$2 proto=$3 clients=$4 round k
+    for ((round = 1; round <= ROUNDS; round++)); do
+        say "cell $cell, round $round of $ROUNDS: $workload -M $proto, $clients clients"
+        for ((k = 0; k < NT; k++)); do
+            # Rotate the order from round to round and from cell to cell, so that no
+            # target always goes first.
+            run_target "$cell" "$round" "$k" "${TARGET_LIST[$(((k + cell + round - 1) % NT))]}" \
+                "$workload" "$proto" "$clients"
+        done
+    done
+}
+
 cell=0
 for line in "${MATRIX[@]}"; do
     read -r workload protocols clients_list <<<"$line"
@@ -411,47 +468,7 @@ for line in "${MATRIX[@]}"; do
     for proto in "${protos[@]}"; do
         for clients in "${client_counts[@]}"; do
             cell=$((cell + 1))
-            # One run on this machine scatters by about 10%, too much to tell two
-            # poolers apart: each cell runs all targets ROUNDS times, and the report
-            # takes the median over the rounds.
-            for ((round = 1; round <= ROUNDS; round++)); do
-                say "cell $cell, round $round of $ROUNDS: $workload -M $proto, $clients clients"
-                for ((k = 0; k < NT; k++)); do
-                    # Rotate the order from round to round and from cell to cell, so that
-                    # no target always goes first.
-                    target=${TARGET_LIST[$(((k + cell + round - 1) % NT))]}
-                    common=(--csv "$CSV" --run-mode "$MODE" --cell "$cell" --order "$((k + 1))"
-                        --round "$round" --target "$target" --workload "$workload"
-                        --protocol "$proto" --clients "$clients" --threads "$THREADS"
-                        --duration "$DURATION")
-                    if [ "$target" = pgbouncer ] && [ "$proto" = prepared ] && ! $BOUNCER_PREPARED &&
-                        [ "${BENCH_PGBOUNCER_PREPARED:-}" != run ]; then
-                        # A run that is not made is recorded once, not once per round.
-                        if [ "$round" -eq 1 ]; then
-                            python3 "$BENCH_DIR/measure.py" skip "${common[@]}" \
-                                --reason "unsupported: PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode (needs 1.21+)"
-                        fi
-                        continue
-                    fi
-                    # A pooler that died in an earlier run is restarted so the rest still runs.
-                    if [ "$target" = pgmux ] && ! kill -0 "$MUX_PID" 2>/dev/null; then
-                        say "pgmux is not running; restarting it"
-                        start_pgmux
-                    fi
-                    if [ "$target" = pgbouncer ] && ! kill -0 "$BOUNCER_PID" 2>/dev/null; then
-                        say "pgbouncer is not running; restarting it"
-                        start_pgbouncer
-                    fi
-                    prepare_db "$workload" || say "preparing the database failed; running anyway"
-                    sleep 1
-                    fg_child python3 "$BENCH_DIR/measure.py" run "${common[@]}" \
-                        --port "$(port_of "$target")" --pid "$(pid_of "$target")" \
-                        --user "$DB_USER" --password "$DB_PASS" --dbname "$DB_NAME" \
-                        --pgbench "$PG_BIN/pgbench" --grace "$GRACE" --clk-tck "$CLK_TCK" \
-                        --pg-data "$DATA" --logdir "$TMP/pgbench-logs" ||
-                        say "measurement of $target failed; continuing"
-                done
-            done
+            run_cell "$cell" "$workload" "$proto" "$clients"
         done
     done
 done
