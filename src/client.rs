@@ -720,6 +720,8 @@ impl Client {
         // Read once per wait, not per message: a reload applies from the next request.
         let max_message_size = app.config().pgmux.max_message_size;
         loop {
+            // Only unframed bytes wait here: the answers below consume from the front.
+            debug_assert!(self.flow.ready().is_empty());
             check_header(self.flow.pending(), max_message_size)?;
             if let Some(pending) = self.flow.pending().get(..5) {
                 let tag = pending[0];

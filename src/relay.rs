@@ -395,6 +395,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             if self.server.flow.ready().is_empty() {
                 if self.boundary {
+                    // Framed client bytes not yet written can only be Flushes (and
+                    // stray copy messages), which a server outside any request ignores:
+                    // dropped, so the next request starts with a clean buffer.
+                    let framed = self.client.flow.ready().len();
+                    self.client.flow.consume(framed);
                     return Poll::Ready(Ok(End::Boundary));
                 }
                 if self.terminate && self.tracker.quiet() {
