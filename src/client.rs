@@ -27,8 +27,9 @@ use crate::protocol::startup::{self, StartupMessage, StartupPacket};
 use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::routing::classify::{self, Opening};
-use crate::routing::request;
+use crate::routing::request::{self, BeginScan};
 use crate::server::Server;
+use crate::sql;
 use crate::{App, ClientState, Pools};
 
 /// Entry point for an accepted connection: the future its task runs.
@@ -204,11 +205,27 @@ struct Route {
     /// When the client's last transaction on the primary ended, and once known, the
     /// primary position that covers it: its reads need a replica that has replayed it.
     last_write: Option<(std::time::Instant, Option<u64>)>,
-    /// A bare `BEGIN` pgmux answered itself; it is sent to whichever server the next
-    /// statement chooses.
-    deferred_begin: Option<String>,
+    /// A `BEGIN` pgmux answered itself; it is sent to whichever server the next
+    /// statement chooses, with that statement.
+    deferred_begin: Option<DeferredBegin>,
     /// The request in the buffer was refused by a replica and goes to the primary.
     force_primary: bool,
+}
+
+/// A `BEGIN` the client was told succeeded, which no server has run yet. In transaction
+/// mode pgmux answers a lone `BEGIN` itself and holds no server until the statement
+/// after it: the server is spared the round trip, and a client that thinks between the
+/// two holds none. The block's `now()` is then the time of that statement.
+#[derive(Debug)]
+enum DeferredBegin {
+    /// A plain `BEGIN` (see [`sql::plain_begin`]), which no idle server refuses: it goes
+    /// out in the same write as the request after it. `unnamed`: the client sent it
+    /// through the unnamed statement, which then holds it.
+    Plain { unnamed: bool },
+    /// A `BEGIN` with modes, held only where the statement after it chooses between
+    /// the primary and a replica: run on its own first, since a standby refuses some
+    /// modes (SERIALIZABLE).
+    Modes(String),
 }
 
 /// Where one transaction (or, in session mode, the session) runs.
@@ -718,7 +735,13 @@ impl Client {
     /// Sync or Flush between transactions) are answered here.
     async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
         // Read once per wait, not per message: a reload applies from the next request.
-        let max_message_size = app.config().pgmux.max_message_size;
+        let (max_message_size, idle_transaction_timeout) = {
+            let config = app.config();
+            (
+                config.pgmux.max_message_size,
+                config.pgmux.idle_transaction_timeout,
+            )
+        };
         loop {
             // Only unframed bytes wait here: the answers below consume from the front.
             debug_assert!(self.flow.ready().is_empty());
@@ -728,8 +751,12 @@ impl Client {
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
                 let routing = self.routes_transactions();
                 let whole = usize::try_from(len).is_ok_and(|len| self.flow.pending().len() > len);
+                let begin = self.extended_begin(tag);
                 let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
+                    (tag::PARSE | tag::BIND, _) if begin != BeginScan::Other => {
+                        self.answer_extended_begin(begin).await?
+                    }
                     (tag::SYNC, 4) => {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
@@ -749,17 +776,31 @@ impl Client {
                     {
                         false
                     }
-                    (tag::QUERY, _) if routing && whole && self.answer_bare_begin().await? => true,
+                    (tag::QUERY, _)
+                        if whole
+                            && self.mode == PoolMode::Transaction
+                            && self.answer_begin().await? =>
+                    {
+                        true
+                    }
                     (tag::FLUSH, 4) => {
                         self.flow.buf.advance(5);
                         true
                     }
-                    (tag::PARSE | tag::CLOSE | tag::QUERY, _)
-                        if self.statements.is_some() && self.route.deferred_begin.is_none() =>
-                    {
+                    // Also inside a block pgmux opened for the client and holds no
+                    // server for yet: pgbench -M prepared prepares each statement of a
+                    // transaction with a blocking call, and while one of its clients
+                    // waited for a server to prepare on, none of its other clients
+                    // would be served, and they hold the servers.
+                    (tag::PARSE | tag::CLOSE | tag::QUERY, _) if self.statements.is_some() => {
+                        let status = if self.route.deferred_begin.is_some() {
+                            b'T'
+                        } else {
+                            b'I'
+                        };
                         let statements = self.statements.as_mut().expect("checked");
                         let mut reply = BytesMut::new();
-                        match statements.answer_locally(self.flow.pending(), &mut reply) {
+                        match statements.answer_locally(self.flow.pending(), status, &mut reply) {
                             Local::Answered(n) => {
                                 self.flow.buf.advance(n);
                                 self.stream
@@ -788,16 +829,31 @@ impl Client {
             // Whatever was written since the last read (the relay's last reply, answers
             // given here) may still sit in a TLS buffer, and the client waits for it.
             self.stream.flush().await.map_err(Error::ClientIo)?;
+            // A client inside a block pgmux opened for it (a deferred BEGIN) is in a
+            // transaction, and shutdown lets it finish, as it lets one on a server.
+            // It is also idle in a transaction, and idle_transaction_timeout applies as
+            // it would on a server.
+            let (ends, mut idle_timer) = match self.route.deferred_begin {
+                Some(_) => (
+                    interrupt::KILL,
+                    (!idle_transaction_timeout.is_zero())
+                        .then(|| Box::pin(tokio::time::sleep(idle_transaction_timeout))),
+                ),
+                None => (interrupt::KILL | interrupt::SHUTDOWN, None),
+            };
             let read = tokio::select! {
                 // First: a client that always has its next request ready still hears
                 // about a shutdown between transactions.
                 biased;
-                raised = self.registration.info.interrupt.raised(interrupt::KILL | interrupt::SHUTDOWN) => {
+                raised = self.registration.info.interrupt.raised(ends) => {
                     return Err(if raised & interrupt::KILL != 0 {
                         Error::Killed
                     } else {
                         Error::Shutdown
                     });
+                }
+                () = expired(&mut idle_timer) => {
+                    return Err(Error::IdleTransactionTimeout(idle_transaction_timeout));
                 }
                 read = self.stream.read_idle(&mut self.flow.buf) => read,
             };
@@ -820,24 +876,78 @@ impl Client {
         self.pools.router.is_some() && self.mode == PoolMode::Transaction
     }
 
-    /// Answers a lone bare `BEGIN` itself, so that the statement after it can still
-    /// choose the server (`SET TRANSACTION READ ONLY` goes to a replica). Returns whether
-    /// it did.
-    async fn answer_bare_begin(&mut self) -> Result<bool> {
+    /// Answers a lone `BEGIN` itself (see [`DeferredBegin`]); where transactions are
+    /// routed, also one with modes, so that the statement after it can still choose the
+    /// server (`SET TRANSACTION READ ONLY` goes to a replica). Returns whether it did.
+    async fn answer_begin(&mut self) -> Result<bool> {
         let pending = self.flow.pending();
         let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
         if self.route.deferred_begin.is_some() || pending.len() != len + 1 {
             return Ok(false);
         }
         let body = &pending[5..=len];
-        let text = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body));
-        if !classify::opening(&text).is_bare_begin() {
-            return Ok(false);
-        }
-        self.route.deferred_begin = Some(text.into_owned());
+        let text = body.strip_suffix(b"\0").unwrap_or(body);
+        let (deferred, tag) = match sql::plain_begin(text) {
+            Some(plain) => (DeferredBegin::Plain { unnamed: false }, plain.tag()),
+            None if self.routes_transactions() => {
+                let text = String::from_utf8_lossy(text);
+                if !classify::opening(&text).is_bare_begin() {
+                    return Ok(false);
+                }
+                let start = text.trim_start().get(..5);
+                let tag = if start.is_some_and(|w| w.eq_ignore_ascii_case("start")) {
+                    "START TRANSACTION"
+                } else {
+                    "BEGIN"
+                };
+                (DeferredBegin::Modes(text.into_owned()), tag)
+            }
+            None => return Ok(false),
+        };
+        self.route.deferred_begin = Some(deferred);
         self.flow.buf.advance(len + 1);
         let mut out = BytesMut::new();
-        backend::command_complete(&mut out, "BEGIN");
+        backend::command_complete(&mut out, tag);
+        backend::ready_for_query(&mut out, b'T');
+        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        Ok(true)
+    }
+
+    /// Whether the request waiting, which starts with `tag`, is a plain `BEGIN` sent
+    /// with the extended protocol (see [`request::extended_begin`]) that pgmux can
+    /// answer itself.
+    fn extended_begin(&self, tag: u8) -> BeginScan {
+        if !matches!(tag, tag::PARSE | tag::BIND)
+            || self.mode != PoolMode::Transaction
+            || self.route.deferred_begin.is_some()
+        {
+            return BeginScan::Other;
+        }
+        request::extended_begin(self.flow.pending(), self.statements.as_ref())
+    }
+
+    /// Answers the extended-protocol `BEGIN` that [`Client::extended_begin`] found, as
+    /// the server would have: ParseComplete, BindComplete, NoData as asked for, then
+    /// CommandComplete and ReadyForQuery. Returns `false`, answering nothing, while the
+    /// request is not all here yet.
+    async fn answer_extended_begin(&mut self, found: BeginScan) -> Result<bool> {
+        let BeginScan::Begin(begin) = found else {
+            return Ok(false);
+        };
+        let len = self.flow.pending().len();
+        self.flow.buf.advance(len);
+        self.route.deferred_begin = Some(DeferredBegin::Plain {
+            unnamed: begin.parsed,
+        });
+        let mut out = BytesMut::new();
+        if begin.parsed {
+            backend::parse_complete(&mut out);
+        }
+        backend::bind_complete(&mut out);
+        if begin.described {
+            backend::no_data(&mut out);
+        }
+        backend::command_complete(&mut out, begin.begin.tag());
         backend::ready_for_query(&mut out, b'T');
         self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
         Ok(true)
@@ -1037,7 +1147,17 @@ impl Client {
             pool.release(server, clean);
             return Err(e);
         }
-        if let Some(begin) = self.route.deferred_begin.take() {
+        let begin = match self.route.deferred_begin.take() {
+            Some(DeferredBegin::Plain { unnamed })
+                if relay::begin_ahead(&mut self.flow, &mut self.tracker, unnamed) =>
+            {
+                None
+            }
+            Some(DeferredBegin::Plain { .. }) => Some(std::borrow::Cow::Borrowed("BEGIN")),
+            Some(DeferredBegin::Modes(text)) => Some(std::borrow::Cow::Owned(text)),
+            None => None,
+        };
+        if let Some(begin) = begin {
             let outcome = Box::pin(server.run_quietly(&begin)).await;
             match outcome {
                 Ok(o) if o.error.is_none() && o.status == b'T' => self.tracker.began(),
@@ -1144,6 +1264,14 @@ impl Client {
             server.params = Arc::new(ParamSet::default());
         }
         ok
+    }
+}
+
+/// Waits for `timer`, or forever without one.
+async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
     }
 }
 

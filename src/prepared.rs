@@ -893,8 +893,9 @@ impl ClientStatements {
     /// Answers, without a server, a request made only of named Parses of statements
     /// some server already accepted, Closes of statements, and Syncs, or a lone
     /// simple-query DEALLOCATE of a statement the client holds; the answers are appended
-    /// to `reply`.
-    pub fn answer_locally(&mut self, pending: &[u8], reply: &mut BytesMut) -> Local {
+    /// to `reply`. `status` is the client's transaction status for their ReadyForQuery:
+    /// `T` inside a block pgmux opened for it and holds no server for yet.
+    pub fn answer_locally(&mut self, pending: &[u8], status: u8, reply: &mut BytesMut) -> Local {
         // First pass: how much of it, up to a Sync, is answerable? Whatever follows that
         // Sync is a request of its own, left for a server.
         let mut at = 0;
@@ -949,7 +950,7 @@ impl ClientStatements {
                         return Local::NeedsServer;
                     }
                     backend::command_complete(reply, "DEALLOCATE");
-                    backend::ready_for_query(reply, b'I');
+                    backend::ready_for_query(reply, status);
                     return Local::Answered(len);
                 }
                 _ => false,
@@ -987,7 +988,7 @@ impl ClientStatements {
                     self.map.remove(name);
                     backend::close_complete(reply);
                 }
-                _ => backend::ready_for_query(reply, b'I'),
+                _ => backend::ready_for_query(reply, status),
             }
             at += len;
         }

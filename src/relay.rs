@@ -191,6 +191,42 @@ impl Flow {
     }
 }
 
+/// A simple Query holding `BEGIN`.
+const BEGIN_QUERY: &[u8] = b"Q\0\0\0\x0aBEGIN\0";
+
+/// `BEGIN` as the extended protocol sends it, through the unnamed statement and portal:
+/// Parse, Bind, Execute, Sync.
+const BEGIN_EXTENDED: &[u8] = b"P\0\0\0\x0d\0BEGIN\0\0\0\
+    B\0\0\0\x0c\0\0\0\0\0\0\0\0\
+    E\0\0\0\x09\0\0\0\0\0\
+    S\0\0\0\x04";
+
+/// Puts a `BEGIN` in front of the client's request, to go to the server in the same
+/// write. pgmux has already told the client its block is open (it answered a plain
+/// `BEGIN` itself while the client held no server), so the server's answer to it is
+/// checked and never forwarded. This saves the server a round trip per transaction, and
+/// spares pgmux the reads and writes of one.
+///
+/// A plain `BEGIN` on a server that is idle outside a block does not fail. Should it
+/// anyway, the client's request has already reached the server, outside any block:
+/// the relay ends with an error and the client is disconnected, as for a server that
+/// broke mid-transaction. With `unnamed`, the `BEGIN` goes through the unnamed
+/// statement, which the client had it parsed into.
+///
+/// Returns `false`, doing nothing, if part of the client's stream is already framed,
+/// and the `BEGIN` cannot go in front.
+pub fn begin_ahead(flow: &mut Flow, tracker: &mut Tracker, unnamed: bool) -> bool {
+    if flow.ready > 0 || flow.skip > 0 {
+        return false;
+    }
+    flow.splice_ready(0, if unnamed { BEGIN_EXTENDED } else { BEGIN_QUERY });
+    tracker.pending += 1;
+    tracker.owed_seq += 1;
+    tracker.hidden += 1;
+    tracker.began();
+    true
+}
+
 /// What a client has asked of its server that is not answered yet.
 #[derive(Debug, Default)]
 pub struct Tracker {
@@ -227,6 +263,9 @@ pub struct Tracker {
     /// A statement ran whose completion does not rule out a write: anything but the
     /// session and transaction-control commands that never touch data.
     wrote: bool,
+    /// ReadyForQuery messages owed for a `BEGIN` pgmux sent ahead of the client's
+    /// request (see [`begin_ahead`]): that answer is checked, and kept from the client.
+    hidden: u32,
 }
 
 impl Tracker {
@@ -267,6 +306,11 @@ impl Tracker {
 
     pub fn copy_in(&self) -> bool {
         self.copy_in
+    }
+
+    /// A `BEGIN` pgmux sent ahead of the client's request has not been answered yet.
+    pub fn begin_unanswered(&self) -> bool {
+        self.hidden > 0
     }
 
     /// Whether the attached server is at a point where it may be given to someone else.
@@ -686,7 +730,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             )
         };
         while !self.boundary {
-            let frame = match self.server.flow.peek(usize::MAX, whole) {
+            let hiding = self.tracker.hidden > 0;
+            let frame = match self
+                .server
+                .flow
+                .peek(usize::MAX, |tag| hiding || whole(tag))
+            {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
@@ -694,6 +743,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     return Err(Error::ServerProtocol(e));
                 }
             };
+            if hiding {
+                self.hidden_answer(frame)?;
+                continue;
+            }
             if self.holding {
                 if frame.tag == btag::ERROR_RESPONSE
                     && error_code(self.server.flow.body(frame)) == Some(b"25006")
@@ -775,6 +828,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             }
             self.emit_synthetic();
         }
+        Ok(())
+    }
+
+    /// A message answering the `BEGIN` of [`begin_ahead`]: the client never sees it,
+    /// but for a ParameterStatus or a notification, which are the session's whatever
+    /// came before them.
+    fn hidden_answer(&mut self, frame: Frame) -> Result<()> {
+        let t = &mut *self.tracker;
+        match frame.tag {
+            btag::READY_FOR_QUERY => {
+                let status = self.server.flow.body(frame).first().copied();
+                t.pending -= 1;
+                t.seen_seq += 1;
+                t.hidden -= 1;
+                if status != Some(b'T') || t.failed {
+                    self.server.broken = true;
+                    return Err(Error::ServerProtocol(
+                        "the server refused a BEGIN pgmux had already confirmed".into(),
+                    ));
+                }
+            }
+            btag::ERROR_RESPONSE => t.failed = true,
+            btag::PARAMETER_STATUS | btag::NOTIFICATION_RESPONSE => {
+                if frame.tag == btag::PARAMETER_STATUS {
+                    self.parameter_status(frame);
+                }
+                self.server.flow.accept(frame);
+                return Ok(());
+            }
+            btag::PARSE_COMPLETE
+            | btag::BIND_COMPLETE
+            | btag::COMMAND_COMPLETE
+            | btag::NOTICE_RESPONSE => {}
+            other => {
+                self.server.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "unexpected message type {:?} in answer to BEGIN",
+                    other as char
+                )));
+            }
+        }
+        self.server.flow.splice_ready(frame.len, &[]);
         Ok(())
     }
 
@@ -1085,6 +1180,176 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn the_begin_sent_ahead_is_what_frontend_encoders_write() {
+        use postgres_protocol::message::frontend;
+        let mut query = BytesMut::new();
+        frontend::query("BEGIN", &mut query).unwrap();
+        assert_eq!(&query[..], BEGIN_QUERY);
+        let mut extended = BytesMut::new();
+        frontend::parse("", "BEGIN", std::iter::empty(), &mut extended).unwrap();
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<i32>(),
+            |_: i32,
+             _: &mut BytesMut|
+             -> std::result::Result<
+                postgres_protocol::IsNull,
+                Box<dyn std::error::Error + Sync + Send>,
+            > { unreachable!() },
+            std::iter::empty::<i16>(),
+            &mut extended,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, &mut extended).unwrap();
+        frontend::sync(&mut extended);
+        assert_eq!(&extended[..], BEGIN_EXTENDED);
+    }
+
+    /// Runs one relay: the client's bytes are already in its flow, `ahead` puts
+    /// pgmux's BEGIN in front of them, and a peer plays the server with `answers`.
+    /// Returns how the relay ended, what reached the client, what reached the server,
+    /// and whether the server was marked broken.
+    async fn relay_with_begin_ahead(
+        client_bytes: &[u8],
+        ahead: Option<bool>,
+        answers: &[u8],
+    ) -> (Result<End>, Vec<u8>, Vec<u8>, bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, accepted) = tokio::join!(connect, listener.accept());
+        let (mut peer, _) = accepted.unwrap();
+        let mut server = Server::unauthenticated(ours.unwrap());
+        let (mut client, mut client_peer) = tokio::io::duplex(64 * 1024);
+
+        let metrics = crate::metrics::PoolMetrics::new("test", "test", None);
+        let stats = crate::pool::PoolStats::default();
+        let limits = Limits {
+            max_message_size: 1 << 20,
+            stop_at_boundary: true,
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            metrics: &metrics,
+            stats: &stats,
+            hold_for_retry: false,
+        };
+        let mut flow = Flow::default();
+        flow.buf.extend_from_slice(client_bytes);
+        let mut tracker = Tracker::default();
+        if let Some(unnamed) = ahead {
+            assert!(begin_ahead(&mut flow, &mut tracker, unnamed));
+        }
+        let mut params = Arc::new(ParamSet::default());
+        let mut reported = Arc::new(Vec::new());
+        struct NoCancel;
+        impl Hooks for NoCancel {
+            fn query_timed_out(&mut self, _server: &Server) {}
+        }
+        let expected = client_bytes.len()
+            + ahead.map_or(0, |unnamed| {
+                if unnamed {
+                    BEGIN_EXTENDED.len()
+                } else {
+                    BEGIN_QUERY.len()
+                }
+            });
+        let play_server = async {
+            let mut got = vec![0; expected];
+            peer.read_exact(&mut got).await.unwrap();
+            peer.write_all(answers).await.unwrap();
+            got
+        };
+        let relay = async {
+            let end = run(
+                ClientEnd {
+                    stream: &mut client,
+                    flow: &mut flow,
+                    params: &mut params,
+                    reported: &mut reported,
+                    prepared: None,
+                },
+                &mut server,
+                &mut tracker,
+                &limits,
+                &mut NoCancel,
+            )
+            .await;
+            drop(client);
+            end
+        };
+        let (end, got) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(relay, play_server)
+        })
+        .await
+        .expect("the relay ends");
+        let mut to_client = Vec::new();
+        client_peer.read_to_end(&mut to_client).await.unwrap();
+        (end, to_client, got, server.broken)
+    }
+
+    #[tokio::test]
+    async fn the_answer_to_a_begin_sent_ahead_is_kept_from_the_client() {
+        let update = msg(b'Q', b"UPDATE t SET x = 1\0");
+        let commit = msg(b'Q', b"COMMIT\0");
+        let mut client_bytes = update.clone();
+        client_bytes.extend_from_slice(&commit);
+        let answers = [
+            msg(b'C', b"BEGIN\0"),
+            msg(b'Z', b"T"),
+            msg(b'C', b"UPDATE 1\0"),
+            msg(b'Z', b"T"),
+            msg(b'C', b"COMMIT\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let (end, to_client, to_server, broken) =
+            relay_with_begin_ahead(&client_bytes, Some(false), &answers).await;
+        assert_eq!(end.unwrap(), End::Boundary);
+        assert!(!broken);
+        assert_eq!(to_server, [BEGIN_QUERY, &client_bytes].concat());
+        assert_eq!(to_client, answers[msg(b'C', b"BEGIN\0").len() + 6..]);
+
+        // Through the unnamed statement: its ParseComplete and BindComplete go too.
+        let answers = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"BEGIN\0"),
+            msg(b'Z', b"T"),
+            msg(b'C', b"COMMIT\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let (end, to_client, to_server, _) =
+            relay_with_begin_ahead(&commit, Some(true), &answers).await;
+        assert_eq!(end.unwrap(), End::Boundary);
+        assert_eq!(to_server, [BEGIN_EXTENDED, &commit].concat());
+        assert_eq!(
+            to_client,
+            [msg(b'C', b"COMMIT\0"), msg(b'Z', b"I")].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_begin_sent_ahead_ends_the_relay_and_the_server() {
+        let update = msg(b'Q', b"UPDATE t SET x = 1\0");
+        let answers = [
+            msg(b'E', b"SERROR\0VERROR\0C25001\0Mno\0\0"),
+            msg(b'Z', b"I"),
+            msg(b'C', b"UPDATE 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let (end, to_client, _, broken) =
+            relay_with_begin_ahead(&update, Some(false), &answers).await;
+        assert!(matches!(end, Err(Error::ServerProtocol(_))), "{end:?}");
+        assert!(broken);
+        assert!(to_client.is_empty(), "{to_client:?}");
     }
 
     #[test]

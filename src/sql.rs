@@ -238,6 +238,62 @@ fn set(key: &str, statement: &str) -> SessionEffect {
     }
 }
 
+/// How a transaction block opened with no modes: `BEGIN`, `BEGIN WORK`,
+/// `BEGIN TRANSACTION` or `START TRANSACTION`, in any case, with an optional `;`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainBegin {
+    Begin,
+    StartTransaction,
+}
+
+impl PlainBegin {
+    /// The command tag PostgreSQL answers it with.
+    pub fn tag(self) -> &'static str {
+        match self {
+            PlainBegin::Begin => "BEGIN",
+            PlainBegin::StartTransaction => "START TRANSACTION",
+        }
+    }
+}
+
+/// Whether `text` is exactly one plain `BEGIN` (see [`PlainBegin`]): a statement that
+/// cannot fail on a server that is idle outside a transaction block. Words only, without
+/// allocating; text with comments or modes is not plain, and most statements are ruled
+/// out by their first letter.
+pub fn plain_begin(text: &[u8]) -> Option<PlainBegin> {
+    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+    let first = &text[start..];
+    let end = first
+        .iter()
+        .position(|&b| b.is_ascii_whitespace() || b == b';')
+        .unwrap_or(first.len());
+    if !(first[..end].eq_ignore_ascii_case(b"begin") || first[..end].eq_ignore_ascii_case(b"start"))
+    {
+        return None;
+    }
+    // One statement: after its `;` only whitespace may follow.
+    let body = match memchr::memchr(b';', text) {
+        Some(end) if text[end + 1..].iter().all(u8::is_ascii_whitespace) => &text[..end],
+        Some(_) => return None,
+        None => text,
+    };
+    let mut words = body
+        .split(u8::is_ascii_whitespace)
+        .filter(|word| !word.is_empty());
+    let is = |word: &[u8], keyword: &[u8]| word.eq_ignore_ascii_case(keyword);
+    let begin = match (words.next(), words.next()) {
+        (Some(b), None) if is(b, b"begin") => PlainBegin::Begin,
+        (Some(b), Some(w)) if is(b, b"begin") && (is(w, b"work") || is(w, b"transaction")) => {
+            PlainBegin::Begin
+        }
+        (Some(s), Some(t)) if is(s, b"start") && is(t, b"transaction") => {
+            PlainBegin::StartTransaction
+        }
+        _ => return None,
+    };
+    words.next().is_none().then_some(begin)
+}
+
 /// Quotes `s` as an SQL string literal.
 pub fn quote_literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -258,6 +314,41 @@ pub fn quote_literal(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_begins_are_told_apart_from_begins_with_modes() {
+        for text in [
+            &b"BEGIN"[..],
+            b"begin;",
+            b"  Begin ;  \n",
+            b"BEGIN WORK",
+            b"begin\ttransaction;",
+        ] {
+            assert_eq!(plain_begin(text), Some(PlainBegin::Begin), "{text:?}");
+        }
+        assert_eq!(
+            plain_begin(b"start transaction;"),
+            Some(PlainBegin::StartTransaction)
+        );
+        assert_eq!(PlainBegin::StartTransaction.tag(), "START TRANSACTION");
+        for text in [
+            &b""[..],
+            b";",
+            b"BEGIN ISOLATION LEVEL SERIALIZABLE",
+            b"BEGIN READ ONLY",
+            b"START TRANSACTION READ WRITE",
+            b"BEGIN; SELECT 1",
+            b"BEGIN;;",
+            b"/* c */ BEGIN",
+            b"BEGIN -- c",
+            b"BEGINNING",
+            b"START",
+            b"SELECT 1",
+            b"begin work transaction",
+        ] {
+            assert_eq!(plain_begin(text), None, "{text:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

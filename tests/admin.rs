@@ -667,7 +667,7 @@ async fn set_lowers_limits_on_running_pools() {
         let mut v = Vec::new();
         for _ in 0..3 {
             let c = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
-            c.batch_execute("BEGIN").await.unwrap();
+            c.batch_execute("BEGIN; SELECT 1").await.unwrap();
             v.push(c);
         }
         v

@@ -271,6 +271,9 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
     open.batch_execute("BEGIN; INSERT INTO items(v) VALUES ('during-shutdown')")
         .await
         .unwrap();
+    // A lone BEGIN, which pgmux answers itself: in a transaction, holding no server.
+    let begun = connect(addr, "app", "app-secret", &db).await.unwrap();
+    begun.batch_execute("BEGIN").await.unwrap();
     let idle = connect(addr, "app", "app-secret", &db).await.unwrap();
     idle.batch_execute("SELECT 1").await.unwrap();
 
@@ -281,7 +284,12 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
     })
     .await;
     assert!(refused, "still accepting after SIGTERM");
-    // The open transaction may finish, and then its client is told to go.
+    // The open transactions may finish, and then their clients are told to go.
+    begun
+        .batch_execute("INSERT INTO items(v) VALUES ('during-shutdown'); COMMIT")
+        .await
+        .unwrap();
+    assert!(begun.batch_execute("SELECT 1").await.is_err());
     open.batch_execute("COMMIT").await.unwrap();
     let err = open.batch_execute("SELECT 1").await.unwrap_err();
     assert!(
@@ -302,7 +310,7 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_commit() {
         &db,
         "SELECT count(*) FROM items WHERE v = 'during-shutdown'",
     );
-    assert_eq!(rows.trim(), "1");
+    assert_eq!(rows.trim(), "2");
 
     // Debug logs carry the client's span with db and user, and no password.
     let log = std::fs::read_to_string(&log_path).unwrap();

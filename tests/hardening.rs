@@ -184,8 +184,8 @@ async fn truncated_messages_then_close_leave_servers_clean() {
     // The pool of two still serves two clients at once.
     let a = connect(mux.addr, "app", "x", &db).await.unwrap();
     let b = connect(mux.addr, "app", "x", &db).await.unwrap();
-    a.batch_execute("BEGIN").await.unwrap();
-    b.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    b.batch_execute("BEGIN; SELECT 1").await.unwrap();
     a.batch_execute("COMMIT").await.unwrap();
     b.batch_execute("COMMIT").await.unwrap();
 }

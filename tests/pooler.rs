@@ -195,7 +195,8 @@ async fn waiting_clients_are_served_in_arrival_order() {
     )
     .await;
     let holder = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
-    holder.batch_execute("BEGIN").await.unwrap();
+    // A statement after BEGIN: a lone BEGIN is answered by pgmux and holds no server.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     let mut waiters = Vec::new();
     for i in 1..=4 {
@@ -231,7 +232,8 @@ async fn query_wait_timeout_disconnects_the_waiting_client() {
     )
     .await;
     let holder = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
-    holder.batch_execute("BEGIN").await.unwrap();
+    // A statement after BEGIN: a lone BEGIN is answered by pgmux and holds no server.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     // Several waiters, queued one behind the other: each one's wait ends in turn.
     let mut waiting = Vec::new();
@@ -546,7 +548,7 @@ async fn server_terminated_while_idle_is_replaced_without_client_error() {
     assert_ne!(new_pid, pid);
 
     // Killed mid-transaction: this client hears about it, others carry on.
-    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
     primary().psql(&format!("SELECT pg_terminate_backend({new_pid})"));
     let err = client.batch_execute("SELECT 1").await.unwrap_err();
     assert!(
@@ -594,7 +596,7 @@ async fn session_mode_resets_servers_between_clients() {
     a.batch_execute("CREATE TEMP TABLE scratch(x int); SET statement_timeout = '5s'")
         .await
         .unwrap();
-    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
     drop(a);
 
     let b = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
@@ -764,7 +766,7 @@ async fn max_db_connections_bounds_all_users_of_a_database() {
     };
     let mut txs = Vec::new();
     for c in &holders {
-        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
         txs.push(c);
     }
     for c in &txs {
@@ -893,4 +895,183 @@ async fn flush_behind_sync_does_not_hold_the_server() {
         .unwrap()
         .get(0);
     assert_eq!(n, 7);
+}
+
+/// A lone BEGIN is answered by pgmux, and the server is taken (and the BEGIN sent, in
+/// the same write) only with the statement after it; the block is still one
+/// transaction on one server, as the client expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_begin_takes_a_server_only_with_the_next_statement() {
+    let (db, mux) = setup("begin_deferred", "default_pool_size = 1").await;
+    let a = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    let b = Arc::new(connect(mux.addr, "app", "app-secret", &db).await.unwrap());
+
+    a.batch_execute("BEGIN").await.unwrap();
+    let snapshot = mux.app.pool_snapshot(&db, "app").unwrap();
+    assert_eq!(snapshot.idle, snapshot.open, "{snapshot:?}");
+    tokio::time::timeout(Duration::from_secs(5), b.batch_execute("SELECT 1"))
+        .await
+        .expect("the one server is free while `a` is only inside its BEGIN")
+        .unwrap();
+
+    let first = simple_value(&a, "SELECT txid_current()").await;
+    a.batch_execute("INSERT INTO items(v) VALUES ('rolled back')")
+        .await
+        .unwrap();
+    assert_eq!(simple_value(&a, "SELECT txid_current()").await, first);
+    assert_eq!(
+        simple_value(&a, "SELECT now() = statement_timestamp()")
+            .await
+            .as_deref(),
+        Some("f"),
+        "the block began before this statement"
+    );
+    // Now `a` holds the server: `b` waits until the block ends.
+    let waiter = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move { b.batch_execute("SELECT 1").await })
+    };
+    let queued = eventually(Duration::from_secs(10), || {
+        mux.app.pool_snapshot(&db, "app").unwrap().waiting == 1
+    })
+    .await;
+    assert!(queued, "b did not wait for the server a holds");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    waiter.await.unwrap().unwrap();
+    let count = |v: &'static str| {
+        let b = Arc::clone(&b);
+        async move { simple_value(&b, &format!("SELECT count(*) FROM items WHERE v = '{v}'")).await }
+    };
+    assert_eq!(count("rolled back").await.as_deref(), Some("0"));
+
+    // Prepared statements inside the block (tokio-postgres prepares each one), and
+    // START TRANSACTION.
+    a.batch_execute("START TRANSACTION").await.unwrap();
+    let insert = a.prepare("INSERT INTO items(v) VALUES ($1)").await.unwrap();
+    a.execute(&insert, &[&"kept"]).await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count("kept").await.as_deref(), Some("1"));
+
+    // A block that holds nothing but BEGIN and COMMIT, and a nested BEGIN.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let idle_in_tx = primary().psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+         AND state LIKE 'idle in transaction%'"
+    ));
+    assert_eq!(idle_in_tx, "0");
+}
+
+/// The same with the extended protocol, in the shapes drivers send: libpq's
+/// Parse/Bind/Describe/Execute/Sync of the unnamed statement, and a Bind of a statement
+/// prepared earlier. The client gets the answers the server would have sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_begin_is_answered_like_the_server_would() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let (db, mux) = setup(
+        "begin_extended",
+        "default_pool_size = 1\nauth_type = \"trust\"",
+    )
+    .await;
+    let (mut s, _) = raw_login(mux.addr, 196608, &[("user", "app"), ("database", &db)]).await;
+    let other = connect(mux.addr, "app", "x", &db).await.unwrap();
+    let bind = |m: &mut bytes::BytesMut, statement: &str| {
+        frontend::bind(
+            "",
+            statement,
+            std::iter::empty::<i16>(),
+            std::iter::empty::<i32>(),
+            |_: i32, _: &mut bytes::BytesMut| -> Result<
+                postgres_protocol::IsNull,
+                Box<dyn std::error::Error + Sync + Send>,
+            > { unreachable!() },
+            Some(0),
+            m,
+        )
+        .map_err(|_| ())
+        .unwrap();
+    };
+
+    let mut m = bytes::BytesMut::new();
+    frontend::parse("", "BEGIN", std::iter::empty(), &mut m).unwrap();
+    bind(&mut m, "");
+    frontend::describe(b'P', "", &mut m).unwrap();
+    frontend::execute("", 0, &mut m).unwrap();
+    frontend::sync(&mut m);
+    s.write_all(&m).await.unwrap();
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(tags(&answer), "12nCZ");
+    assert_eq!(answer[3].1, b"BEGIN\0");
+    assert_eq!(answer[4].1, b"T");
+    // No server is held yet.
+    tokio::time::timeout(Duration::from_secs(5), other.batch_execute("SELECT 1"))
+        .await
+        .expect("the server is free")
+        .unwrap();
+    // The unnamed statement holds BEGIN as the client left it: run again, it warns.
+    let mut m = bytes::BytesMut::new();
+    bind(&mut m, "");
+    frontend::execute("", 0, &mut m).unwrap();
+    frontend::sync(&mut m);
+    s.write_all(&m).await.unwrap();
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(tags(&answer), "2NCZ", "{answer:?}");
+    assert_eq!(answer.last().unwrap().1, b"T");
+    s.write_all(&query_packet("ROLLBACK")).await.unwrap();
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(answer.last().unwrap().1, b"I");
+
+    // A statement prepared earlier and bound without a Parse (pgbench -M prepared).
+    let mut m = bytes::BytesMut::new();
+    frontend::parse(
+        "begin_stmt",
+        "START TRANSACTION",
+        std::iter::empty(),
+        &mut m,
+    )
+    .unwrap();
+    frontend::sync(&mut m);
+    s.write_all(&m).await.unwrap();
+    assert_eq!(tags(&read_until_ready(&mut s).await), "1Z");
+    let mut m = bytes::BytesMut::new();
+    bind(&mut m, "begin_stmt");
+    frontend::describe(b'P', "", &mut m).unwrap();
+    frontend::execute("", 0, &mut m).unwrap();
+    frontend::sync(&mut m);
+    s.write_all(&m).await.unwrap();
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(tags(&answer), "2nCZ");
+    assert_eq!(answer[2].1, b"START TRANSACTION\0");
+    tokio::time::timeout(Duration::from_secs(5), other.batch_execute("SELECT 1"))
+        .await
+        .expect("the server is free")
+        .unwrap();
+    s.write_all(&query_packet("SELECT txid_current(); COMMIT"))
+        .await
+        .unwrap();
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(tags(&answer), "TDCCZ", "{answer:?}");
+    assert_eq!(answer.last().unwrap().1, b"I");
+}
+
+/// idle_transaction_timeout counts from a lone BEGIN too, though no server is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_applies_after_a_lone_begin() {
+    let (db, mux) = setup("begin_idle", "idle_transaction_timeout = \"300ms\"").await;
+    let a = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let err = a.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        a.is_closed() || sqlstate(&err).as_deref() == Some("25P03"),
+        "{err}"
+    );
+    let b = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.batch_execute("SELECT 1; COMMIT").await.unwrap();
 }

@@ -39,6 +39,8 @@ pub mod btag {
     pub const AUTHENTICATION: u8 = b'R';
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
 }
 
 /// Length of a tagged message header: one tag byte and a four-byte length.

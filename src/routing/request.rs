@@ -103,6 +103,108 @@ pub fn lone_autocommit_select(pending: &[u8], statements: Option<&ClientStatemen
         && text.is_some_and(|t| std::str::from_utf8(t).is_ok_and(super::select::is_plain_select))
 }
 
+/// A lone plain `BEGIN` sent with the extended protocol, which pgmux can answer itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedBegin {
+    pub begin: crate::sql::PlainBegin,
+    /// It came with a Parse of the unnamed statement: the client is owed a
+    /// ParseComplete, and the server's unnamed statement should become the `BEGIN`.
+    pub parsed: bool,
+    /// It asked to describe the portal: the client is owed a NoData.
+    pub described: bool,
+}
+
+/// What [`extended_begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginScan {
+    Begin(ExtendedBegin),
+    /// Not such a request.
+    Other,
+    /// Not all here yet, but it may still turn out to be one.
+    Incomplete,
+}
+
+/// Whether the request is one plain `BEGIN` (see [`crate::sql::plain_begin`]) in the
+/// shape drivers send a statement with the extended protocol, and nothing else: an
+/// optional Parse of the unnamed statement, a Bind of it (or of a statement the client
+/// prepared earlier) to the unnamed portal without parameters, an optional Describe of
+/// that portal, an Execute and a Sync.
+pub fn extended_begin(pending: &[u8], statements: Option<&ClientStatements>) -> BeginScan {
+    let mut found = ExtendedBegin {
+        begin: crate::sql::PlainBegin::Begin,
+        parsed: false,
+        described: false,
+    };
+    let mut messages = messages(pending);
+    let mut next = messages.next();
+    let mut text = None;
+    if let Some((tag::PARSE, body)) = next {
+        let Some((b"", rest)) = cstr(body) else {
+            return BeginScan::Other;
+        };
+        let Some((query, types)) = cstr(rest) else {
+            return BeginScan::Other;
+        };
+        if types != [0, 0] || crate::sql::plain_begin(query).is_none() {
+            return BeginScan::Other;
+        }
+        text = Some(query);
+        found.parsed = true;
+        next = messages.next();
+    }
+    let Some((tag::BIND, body)) = next else {
+        return match (text, next) {
+            (Some(_), None) => BeginScan::Incomplete,
+            _ => BeginScan::Other,
+        };
+    };
+    let Some((b"", rest)) = cstr(body) else {
+        return BeginScan::Other;
+    };
+    let Some((statement, rest)) = cstr(rest) else {
+        return BeginScan::Other;
+    };
+    let text = match (text, statement) {
+        (Some(query), b"") => query,
+        (None, name) if !name.is_empty() => match statements.and_then(|s| s.query_of(name)) {
+            Some(query) => query,
+            None => return BeginScan::Other,
+        },
+        _ => return BeginScan::Other,
+    };
+    let Some(begin) = crate::sql::plain_begin(text) else {
+        return BeginScan::Other;
+    };
+    found.begin = begin;
+    // No parameter formats and no parameters; result formats do not matter for a
+    // statement that returns no rows.
+    if rest.get(..4) != Some(&[0, 0, 0, 0]) {
+        return BeginScan::Other;
+    }
+    next = messages.next();
+    if let Some((tag::DESCRIBE, body)) = next {
+        if body != b"P\0" {
+            return BeginScan::Other;
+        }
+        found.described = true;
+        next = messages.next();
+    }
+    match next {
+        Some((tag::EXECUTE, body)) if body.first() == Some(&0) => {}
+        None => return BeginScan::Incomplete,
+        Some(_) => return BeginScan::Other,
+    }
+    match messages.next() {
+        Some((tag::SYNC, _)) => {}
+        None => return BeginScan::Incomplete,
+        Some(_) => return BeginScan::Other,
+    }
+    if messages.next().is_some() || !all_whole(pending) {
+        return BeginScan::Other;
+    }
+    BeginScan::Begin(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +274,90 @@ mod tests {
         assert!(!executes_nothing(&extended("", "SELECT 1")));
         assert!(!executes_nothing(&query("SELECT 1")));
         assert!(!executes_nothing(&[]));
+    }
+
+    #[test]
+    fn extended_begins() {
+        use crate::sql::PlainBegin;
+        let begin = |parsed, described| {
+            BeginScan::Begin(ExtendedBegin {
+                begin: PlainBegin::Begin,
+                parsed,
+                described,
+            })
+        };
+        assert_eq!(
+            extended_begin(&extended("", "BEGIN;"), None),
+            begin(true, false)
+        );
+
+        // libpq's PQsendQueryParams: Parse, Bind, Describe of the portal, Execute, Sync.
+        let mut described = BytesMut::new();
+        frontend::parse("", "start transaction", std::iter::empty(), &mut described).unwrap();
+        bind(&mut described, "");
+        frontend::describe(b'P', "", &mut described).unwrap();
+        frontend::execute("", 0, &mut described).unwrap();
+        frontend::sync(&mut described);
+        let BeginScan::Begin(found) = extended_begin(&described, None) else {
+            panic!("libpq's BEGIN not found");
+        };
+        assert_eq!(found.begin, PlainBegin::StartTransaction);
+        assert!(found.parsed && found.described);
+
+        // Not all here yet: it may still be one.
+        for cut in [described.len() - 5, described.len() - 1, 30] {
+            assert_eq!(
+                extended_begin(&described[..cut], None),
+                BeginScan::Incomplete,
+                "{cut}"
+            );
+        }
+
+        // Not one: other statements, modes, a named statement pgmux does not know,
+        // a named portal, anything after the Sync, a Flush instead of a Sync.
+        assert_eq!(
+            extended_begin(&extended("", "SELECT 1"), None),
+            BeginScan::Other
+        );
+        assert_eq!(
+            extended_begin(&extended("", "BEGIN READ ONLY"), None),
+            BeginScan::Other
+        );
+        assert_eq!(
+            extended_begin(&extended("s1", "BEGIN"), None),
+            BeginScan::Other
+        );
+        let mut bound = BytesMut::new();
+        bind(&mut bound, "s1");
+        frontend::execute("", 0, &mut bound).unwrap();
+        frontend::sync(&mut bound);
+        assert_eq!(extended_begin(&bound, None), BeginScan::Other);
+        let mut portal = BytesMut::new();
+        frontend::parse("", "BEGIN", std::iter::empty(), &mut portal).unwrap();
+        frontend::bind(
+            "p1",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<i32>(),
+            |_: i32, _: &mut BytesMut| -> Result<
+                postgres_protocol::IsNull,
+                Box<dyn std::error::Error + Sync + Send>,
+            > { unreachable!() },
+            Some(0),
+            &mut portal,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("p1", 0, &mut portal).unwrap();
+        frontend::sync(&mut portal);
+        assert_eq!(extended_begin(&portal, None), BeginScan::Other);
+        let mut two = extended("", "BEGIN");
+        two.extend_from_slice(&query("SELECT 1"));
+        assert_eq!(extended_begin(&two, None), BeginScan::Other);
+        let mut flushed = extended("", "BEGIN");
+        flushed.truncate(flushed.len() - 5);
+        frontend::flush(&mut flushed);
+        assert_eq!(extended_begin(&flushed, None), BeginScan::Other);
     }
 
     #[test]

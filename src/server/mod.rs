@@ -118,6 +118,30 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
+    /// A server on a plain stream that went through no login, with no real backend to
+    /// cancel: for the fuzzing entry points and for tests that play the server's side.
+    pub fn unauthenticated(stream: tokio::net::TcpStream) -> Server {
+        Server {
+            stream: crate::tls::ServerStream::Plain(stream),
+            flow: crate::relay::Flow::with_capacity(1024),
+            cancel_key: Arc::new(CancelKey {
+                addr: Arc::from("127.0.0.1:1"),
+                process_id: 0,
+                secret_key: 0,
+                host: Arc::from("127.0.0.1"),
+                tls: None,
+            }),
+            params: Arc::new(crate::params::ParamSet::default()),
+            reported: Vec::new(),
+            id: 0,
+            generation: 0,
+            created: Instant::now(),
+            last_used: Instant::now(),
+            broken: false,
+            prepared: None,
+        }
+    }
+
     /// Opens a connection and logs in, within `timeout`.
     pub async fn connect(target: &Target, id: u64, timeout: Duration) -> Result<Server> {
         let addr = target.addr();
