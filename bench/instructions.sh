@@ -6,9 +6,11 @@
 # Timing on a shared 2-core machine moves by 10% or more between runs; an instruction
 # count does not, so this is the number to compare before and after a change to the
 # hot path (it does not show cache misses or lock contention: confirm a gain with
-# bench/run.sh). It starts a throwaway PostgreSQL (pgbench scale 1, trust on loopback),
-# then pgmux under callgrind twice, with the metrics endpoint on as in bench/run.sh,
-# and runs `pgbench -S -c CLIENTS -j 2 -t N` through it: once with 10 transactions per
+# bench/run.sh). It starts a throwaway PostgreSQL (pgbench scale 1, or 10 for TPC-B,
+# trust on loopback), then pgmux under callgrind twice, with the metrics endpoint on as
+# in bench/run.sh, and runs `pgbench -S -c CLIENTS -j 2 -t N` through it (without -S
+# for BENCH_WORKLOAD=tpcb: TPC-B-like, seven statements in a block; at scale 1 every
+# transaction would wait for the one branch row): once with 10 transactions per
 # client, once with 10 + TRANSACTIONS. The difference of the two totals, divided by the
 # extra transactions, is the cost of one transaction with logins and start-up taken out.
 # How many events one wake-up of the event loop handles varies from run to run, so
@@ -18,7 +20,9 @@
 # configured as in bench/run.sh, counted the same way), PGMUX_BIN (default: cargo build
 # --release, target/release/pgmux),
 # PG_BIN (default /usr/lib/postgresql/15/bin), BENCH_CLIENTS (default 100; more than the
-# pool of 20, so clients queue for servers as at 500), BENCH_TRANSACTIONS (extra
+# pool of 20, so clients queue for servers as at 500), BENCH_WORKLOAD (select, the
+# default, or tpcb), BENCH_KEEP (a directory to copy both callgrind files to, for
+# callgrind_annotate), BENCH_TRANSACTIONS (extra
 # transactions per client, default 200), BENCH_PG_PORT (default 25442),
 # BENCH_PGMUX_PORT (default 26442). Needs root (PostgreSQL runs as `postgres`) and
 # valgrind (installed with apt-get when missing).
@@ -45,6 +49,12 @@ PG_PORT=${BENCH_PG_PORT:-25442}
 MUX_PORT=${BENCH_PGMUX_PORT:-26442}
 CLIENTS=${BENCH_CLIENTS:-100}
 EXTRA=${BENCH_TRANSACTIONS:-200}
+WORKLOAD=${BENCH_WORKLOAD:-select}
+case $WORKLOAD in select) SCRIPT=-S SCALE=1 ;; tpcb) SCRIPT= SCALE=10 ;; *)
+    echo "instructions.sh: BENCH_WORKLOAD must be select or tpcb" >&2
+    exit 2
+    ;;
+esac
 
 if ! command -v valgrind >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
@@ -78,7 +88,7 @@ fsync = off
 max_connections = 200
 CONF
 pg "$PG_BIN/pg_ctl" start -D "$TMP/data" -l "$TMP/postgres.log" -w >/dev/null
-"$PG_BIN/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
+"$PG_BIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
 
 cat >"$TMP/pgmux.toml" <<CONF
 [pgmux]
@@ -126,7 +136,7 @@ count() {
         (exec 3<>"/dev/tcp/127.0.0.1/$MUX_PORT") 2>/dev/null && break
         sleep 0.1
     done
-    "$PG_BIN/pgbench" -n -S -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$1" \
+    "$PG_BIN/pgbench" -n $SCRIPT -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$1" \
         -h 127.0.0.1 -p "$MUX_PORT" -U postgres postgres >"$TMP/pgbench.$1" 2>&1 ||
         { cat "$TMP/pgbench.$1" >&2; exit 1; }
     # SIGINT: pgmux and PgBouncer both exit once no client is left, and callgrind
@@ -139,8 +149,9 @@ count() {
     wait "$MUX_PID" || true
     MUX_PID=
     awk '/^summary:/ {print $2}' "$out"
+    if [ -n "${BENCH_KEEP:-}" ]; then cp "$out" "$BENCH_KEEP/"; fi
 }
 
 few=$(count 10)
 many=$(count $((10 + EXTRA)))
-python3 -c "print(f'$POOLER instructions per transaction (-M $PROTOCOL, $CLIENTS clients): {($many - $few) / ($EXTRA * $CLIENTS):.0f}')"
+python3 -c "print(f'$POOLER instructions per transaction ($WORKLOAD, -M $PROTOCOL, $CLIENTS clients): {($many - $few) / ($EXTRA * $CLIENTS):.0f}')"
