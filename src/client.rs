@@ -887,29 +887,30 @@ impl Client {
         }
         let body = &pending[5..=len];
         let text = body.strip_suffix(b"\0").unwrap_or(body);
-        let (deferred, tag) = match sql::plain_begin(text) {
-            Some(plain) => (DeferredBegin::Plain { unnamed: false }, plain.tag()),
+        let (deferred, begin) = match sql::plain_begin(text) {
+            Some(plain) => (DeferredBegin::Plain { unnamed: false }, plain),
             None if self.routes_transactions() => {
                 let text = String::from_utf8_lossy(text);
                 if !classify::opening(&text).is_bare_begin() {
                     return Ok(false);
                 }
-                let start = text.trim_start().get(..5);
-                let tag = if start.is_some_and(|w| w.eq_ignore_ascii_case("start")) {
-                    "START TRANSACTION"
+                let start = sql::single_statement_words(&text)
+                    .is_some_and(|(words, _)| words.first().is_some_and(|w| w == "start"));
+                let begin = if start {
+                    sql::PlainBegin::StartTransaction
                 } else {
-                    "BEGIN"
+                    sql::PlainBegin::Begin
                 };
-                (DeferredBegin::Modes(text.into_owned()), tag)
+                (DeferredBegin::Modes(text.into_owned()), begin)
             }
             None => return Ok(false),
         };
         self.route.deferred_begin = Some(deferred);
         self.flow.buf.advance(len + 1);
-        let mut out = BytesMut::new();
-        backend::command_complete(&mut out, tag);
-        backend::ready_for_query(&mut out, b'T');
-        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        self.stream
+            .write_all(begin.answer())
+            .await
+            .map_err(Error::ClientIo)?;
         Ok(true)
     }
 
@@ -939,17 +940,22 @@ impl Client {
         self.route.deferred_begin = Some(DeferredBegin::Plain {
             unnamed: begin.parsed,
         });
-        let mut out = BytesMut::new();
-        if begin.parsed {
-            backend::parse_complete(&mut out);
+        // ParseComplete, BindComplete and NoData are bodiless: a tag and length 4.
+        let mut out = [0u8; 64];
+        let mut n = 0;
+        for (tag, wanted) in [(b'1', begin.parsed), (b'2', true), (b'n', begin.described)] {
+            if wanted {
+                out[n..n + 5].copy_from_slice(&[tag, 0, 0, 0, 4]);
+                n += 5;
+            }
         }
-        backend::bind_complete(&mut out);
-        if begin.described {
-            backend::no_data(&mut out);
-        }
-        backend::command_complete(&mut out, begin.begin.tag());
-        backend::ready_for_query(&mut out, b'T');
-        self.stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        let answer = begin.begin.answer();
+        out[n..n + answer.len()].copy_from_slice(answer);
+        n += answer.len();
+        self.stream
+            .write_all(&out[..n])
+            .await
+            .map_err(Error::ClientIo)?;
         Ok(true)
     }
 

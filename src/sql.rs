@@ -254,44 +254,57 @@ impl PlainBegin {
             PlainBegin::StartTransaction => "START TRANSACTION",
         }
     }
+
+    /// PostgreSQL's answer to it as a simple query: its CommandComplete, then
+    /// ReadyForQuery inside a block.
+    pub fn answer(self) -> &'static [u8] {
+        match self {
+            PlainBegin::Begin => b"C\0\0\0\x0aBEGIN\0Z\0\0\0\x05T",
+            PlainBegin::StartTransaction => b"C\0\0\0\x16START TRANSACTION\0Z\0\0\0\x05T",
+        }
+    }
 }
 
 /// Whether `text` is exactly one plain `BEGIN` (see [`PlainBegin`]): a statement that
 /// cannot fail on a server that is idle outside a transaction block. Words only, without
 /// allocating; text with comments or modes is not plain, and most statements are ruled
-/// out by their first letter.
+/// out by their first word.
 pub fn plain_begin(text: &[u8]) -> Option<PlainBegin> {
-    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
-    let first = &text[start..];
-    let end = first
-        .iter()
-        .position(|&b| b.is_ascii_whitespace() || b == b';')
-        .unwrap_or(first.len());
-    if !(first[..end].eq_ignore_ascii_case(b"begin") || first[..end].eq_ignore_ascii_case(b"start"))
-    {
+    let mut rest = text;
+    let first = next_word(&mut rest);
+    let begin = if first.eq_ignore_ascii_case(b"begin") {
+        let second = next_word(&mut rest);
+        if !(second.is_empty()
+            || second.eq_ignore_ascii_case(b"work")
+            || second.eq_ignore_ascii_case(b"transaction"))
+        {
+            return None;
+        }
+        PlainBegin::Begin
+    } else if first.eq_ignore_ascii_case(b"start") {
+        if !next_word(&mut rest).eq_ignore_ascii_case(b"transaction") {
+            return None;
+        }
+        PlainBegin::StartTransaction
+    } else {
         return None;
-    }
-    // One statement: after its `;` only whitespace may follow.
-    let body = match memchr::memchr(b';', text) {
-        Some(end) if text[end + 1..].iter().all(u8::is_ascii_whitespace) => &text[..end],
-        Some(_) => return None,
-        None => text,
     };
-    let mut words = body
-        .split(u8::is_ascii_whitespace)
-        .filter(|word| !word.is_empty());
-    let is = |word: &[u8], keyword: &[u8]| word.eq_ignore_ascii_case(keyword);
-    let begin = match (words.next(), words.next()) {
-        (Some(b), None) if is(b, b"begin") => PlainBegin::Begin,
-        (Some(b), Some(w)) if is(b, b"begin") && (is(w, b"work") || is(w, b"transaction")) => {
-            PlainBegin::Begin
-        }
-        (Some(s), Some(t)) if is(s, b"start") && is(t, b"transaction") => {
-            PlainBegin::StartTransaction
-        }
-        _ => return None,
-    };
-    words.next().is_none().then_some(begin)
+    // Then at most one `;`, and only whitespace around it.
+    let rest = rest.trim_ascii_start();
+    let rest = rest.strip_prefix(b";").unwrap_or(rest);
+    rest.trim_ascii_start().is_empty().then_some(begin)
+}
+
+/// The word at the front of `rest` after whitespace (empty at a `;`, the end or any
+/// other character), and `rest` moved past it.
+fn next_word<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
+    let text = rest.trim_ascii_start();
+    let end = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    *rest = &text[end..];
+    &text[..end]
 }
 
 /// Quotes `s` as an SQL string literal.
@@ -330,6 +343,12 @@ mod tests {
             Some(PlainBegin::StartTransaction)
         );
         assert_eq!(PlainBegin::StartTransaction.tag(), "START TRANSACTION");
+        for begin in [PlainBegin::Begin, PlainBegin::StartTransaction] {
+            let mut answer = bytes::BytesMut::new();
+            crate::protocol::backend::command_complete(&mut answer, begin.tag());
+            crate::protocol::backend::ready_for_query(&mut answer, b'T');
+            assert_eq!(begin.answer(), &answer[..]);
+        }
         for text in [
             &b""[..],
             b";",
@@ -344,6 +363,9 @@ mod tests {
             b"START",
             b"SELECT 1",
             b"begin work transaction",
+            b"BEGIN WORK2",
+            b"BEGIN_",
+            b"BEGIN; ;",
         ] {
             assert_eq!(plain_begin(text), None, "{text:?}");
         }

@@ -138,14 +138,6 @@ pub fn parse_complete(buf: &mut BytesMut) {
     message(buf, b'1', |_| {});
 }
 
-pub fn bind_complete(buf: &mut BytesMut) {
-    message(buf, b'2', |_| {});
-}
-
-pub fn no_data(buf: &mut BytesMut) {
-    message(buf, b'n', |_| {});
-}
-
 pub fn close_complete(buf: &mut BytesMut) {
     message(buf, b'3', |_| {});
 }
