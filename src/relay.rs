@@ -334,6 +334,105 @@ pub enum End {
     RetryOnPrimary,
 }
 
+/// A stream the relay reads from, with what it knows of the task's waker there:
+/// `armed` says a read came back Pending since the stream last had data, so the task's
+/// waker is registered for it and still in place.
+///
+/// Each wake-up of a relay comes from one of its two sockets, and the other one,
+/// armed, has nothing to read. A plain TCP socket is then only checked for readiness,
+/// without registering the waker again (a mutex and a waker comparison per check);
+/// other streams (TLS, test streams) are polled as usual.
+pub trait RelayRead: AsyncRead + Unpin {
+    fn poll_read_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        _armed: &mut bool,
+    ) -> Poll<io::Result<usize>> {
+        poll_read_buf(Pin::new(self), cx, buf)
+    }
+}
+
+impl RelayRead for tokio::io::DuplexStream {}
+
+impl RelayRead for crate::tls::ClientStream {
+    fn poll_read_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        armed: &mut bool,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            crate::tls::ClientStream::Plain(tcp) => poll_read_tcp(tcp, cx, buf, armed),
+            other => poll_read_buf(Pin::new(other), cx, buf),
+        }
+    }
+}
+
+impl RelayRead for crate::tls::ServerStream {
+    fn poll_read_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        armed: &mut bool,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            crate::tls::ServerStream::Plain(tcp) => poll_read_tcp(tcp, cx, buf, armed),
+            other => poll_read_buf(Pin::new(other), cx, buf),
+        }
+    }
+}
+
+/// Reads a plain TCP socket into `buf`'s spare room, registering the task's waker only
+/// where it is not registered already (see [`RelayRead`]).
+fn poll_read_tcp(
+    tcp: &tokio::net::TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    armed: &mut bool,
+) -> Poll<io::Result<usize>> {
+    loop {
+        // `try_io` runs the read only if the socket is marked ready, and clears the
+        // mark when the read says WouldBlock. The closure says WouldBlock after a short
+        // read too, as tokio's own `poll_read` clears the mark then: the socket is
+        // drained, and the next look needs no system call.
+        let mut looked = false;
+        let mut got = None;
+        let tried = tcp.try_io(tokio::io::Interest::READABLE, || {
+            looked = true;
+            let n = tcp.try_read_buf(&mut *buf)?;
+            got = Some(n);
+            if n > 0 && buf.capacity() > buf.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        if let Some(n) = got {
+            *armed = false;
+            return Poll::Ready(Ok(n));
+        }
+        match tried {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+            Ok(()) => unreachable!("a read that ran reported its count"),
+        }
+        // Not marked ready: if the waker is registered, it still is (only readiness
+        // takes it out). A read that ran and found nothing after all used up the
+        // readiness that took it, so it must be registered again.
+        if *armed && !looked {
+            return Poll::Pending;
+        }
+        match tcp.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                *armed = true;
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
 /// Limits and per-pool counters the relay needs.
 pub struct Limits<'a> {
     pub max_message_size: usize,
@@ -379,7 +478,7 @@ pub async fn run<S, H>(
     hooks: &mut H,
 ) -> Result<End>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: RelayRead + AsyncWrite + Unpin,
     H: Hooks,
 {
     let mut relay = Relay {
@@ -394,6 +493,8 @@ where
         retry: false,
         timer: None,
         timer_kind: TimerKind::None,
+        client_armed: false,
+        server_armed: false,
     };
     relay.frame_client()?;
     poll_fn(|cx| relay.poll(cx, hooks)).await
@@ -419,9 +520,12 @@ struct Relay<'r, 'a, S> {
     retry: bool,
     timer: Option<Pin<Box<Sleep>>>,
     timer_kind: TimerKind,
+    /// See [`RelayRead`].
+    client_armed: bool,
+    server_armed: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
+impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
     fn poll<H: Hooks>(&mut self, cx: &mut Context<'_>, hooks: &mut H) -> Poll<Result<End>> {
         // A side whose read came back Pending in this call is not read again before the
         // call returns: its waker is registered already, and each read that finds
@@ -520,10 +624,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
 
     fn read_client(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         self.client.flow.reserve_for_read();
-        match poll_read_buf(
-            Pin::new(&mut *self.client.stream),
+        match self.client.stream.poll_read_relay(
             cx,
             &mut self.client.flow.buf,
+            &mut self.client_armed,
         ) {
             Poll::Ready(Ok(0)) => {
                 self.client_eof = true;
@@ -544,10 +648,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
 
     fn read_server(&mut self, cx: &mut Context<'_>) -> Result<bool> {
         self.server.flow.reserve_for_read();
-        match poll_read_buf(
-            Pin::new(&mut self.server.stream),
+        match self.server.stream.poll_read_relay(
             cx,
             &mut self.server.flow.buf,
+            &mut self.server_armed,
         ) {
             Poll::Ready(Ok(0)) => Err(self.server_failed(io::ErrorKind::UnexpectedEof.into())),
             Poll::Ready(Ok(n)) => {
