@@ -365,7 +365,7 @@ impl ClientStatements {
         }
         let server = server.get_or_insert_with(|| ServerStatements::new(self.server_cap));
         match tag {
-            tag::PARSE => self.parse(body, server),
+            tag::PARSE => self.parse(body, lead, server),
             tag::BIND => self.bind(body, server),
             tag::DESCRIBE => self.describe(body, server),
             tag::CLOSE => self.close(body),
@@ -433,13 +433,21 @@ impl ClientStatements {
         }
     }
 
-    fn parse(&mut self, body: &[u8], server: &mut ServerStatements) -> Action {
+    /// `lead` is [`crate::sql::lead`] of the statement's text.
+    fn parse(
+        &mut self,
+        body: &[u8],
+        lead: crate::sql::Lead,
+        server: &mut ServerStatements,
+    ) -> Action {
         let Some((name, spec)) = cstr(body) else {
             return Action::Forward;
         };
         if name.is_empty() {
-            if let Some(action) = self.extended_deallocate(spec) {
-                return action;
+            if lead.may_drop_statements() {
+                if let Some(action) = self.extended_deallocate(spec) {
+                    return action;
+                }
             }
             self.expect
                 .push_back(Expect::Relay(Kind::Parse, Undo::None));

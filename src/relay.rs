@@ -805,6 +805,10 @@ impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         }
     }
 
+    // Kept out of line: inlined, its buffer made `emit_synthetic` set up a large frame
+    // at each of its calls, several per message.
+    #[cold]
+    #[inline(never)]
     fn emit_synthetic_now(&mut self) {
         let Some(statements) = self.client.prepared.as_deref_mut() else {
             return;
