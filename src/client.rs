@@ -735,13 +735,7 @@ impl Client {
     /// Sync or Flush between transactions) are answered here.
     async fn wait_for_request(&mut self, app: &Arc<App>) -> Result<bool> {
         // Read once per wait, not per message: a reload applies from the next request.
-        let (max_message_size, idle_transaction_timeout) = {
-            let config = app.config();
-            (
-                config.pgmux.max_message_size,
-                config.pgmux.idle_transaction_timeout,
-            )
-        };
+        let max_message_size = app.config().pgmux.max_message_size;
         loop {
             // Only unframed bytes wait here: the answers below consume from the front.
             debug_assert!(self.flow.ready().is_empty());
@@ -751,12 +745,21 @@ impl Client {
                 let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
                 let routing = self.routes_transactions();
                 let whole = usize::try_from(len).is_ok_and(|len| self.flow.pending().len() > len);
-                let begin = self.extended_begin(tag);
+                let incomplete = match self.defer_begin(tag, whole) {
+                    LoneBegin::Answer(answer) => {
+                        self.stream
+                            .write_all(answer)
+                            .await
+                            .map_err(Error::ClientIo)?;
+                        continue;
+                    }
+                    LoneBegin::Incomplete => true,
+                    LoneBegin::Not => false,
+                };
                 let handled = match (tag, len) {
                     (tag::TERMINATE, _) => return Ok(false),
-                    (tag::PARSE | tag::BIND, _) if begin != BeginScan::Other => {
-                        self.answer_extended_begin(begin).await?
-                    }
+                    // Read the rest of the request before deciding.
+                    _ if incomplete => false,
                     (tag::SYNC, 4) => {
                         self.flow.buf.advance(5);
                         let mut out = BytesMut::new();
@@ -775,13 +778,6 @@ impl Client {
                         if routing && !whole && (len as usize) <= CLASSIFY_MAX =>
                     {
                         false
-                    }
-                    (tag::QUERY, _)
-                        if whole
-                            && self.mode == PoolMode::Transaction
-                            && self.answer_begin().await? =>
-                    {
-                        true
                     }
                     (tag::FLUSH, 4) => {
                         self.flow.buf.advance(5);
@@ -829,44 +825,58 @@ impl Client {
             // Whatever was written since the last read (the relay's last reply, answers
             // given here) may still sit in a TLS buffer, and the client waits for it.
             self.stream.flush().await.map_err(Error::ClientIo)?;
-            // A client inside a block pgmux opened for it (a deferred BEGIN) is in a
-            // transaction, and shutdown lets it finish, as it lets one on a server.
-            // It is also idle in a transaction, and idle_transaction_timeout applies as
-            // it would on a server.
-            let (ends, mut idle_timer) = match self.route.deferred_begin {
-                Some(_) => (
-                    interrupt::KILL,
-                    (!idle_transaction_timeout.is_zero())
-                        .then(|| Box::pin(tokio::time::sleep(idle_transaction_timeout))),
-                ),
-                None => (interrupt::KILL | interrupt::SHUTDOWN, None),
+            let read = match self.route.deferred_begin {
+                None => self.read_between_transactions().await,
+                // Boxed, as rare waits are: its timer would make every idle client's
+                // state larger.
+                Some(_) => Box::pin(self.read_in_deferred_block(app)).await,
             };
-            let read = tokio::select! {
-                // First: a client that always has its next request ready still hears
-                // about a shutdown between transactions.
-                biased;
-                raised = self.registration.info.interrupt.raised(ends) => {
-                    return Err(if raised & interrupt::KILL != 0 {
-                        Error::Killed
-                    } else {
-                        Error::Shutdown
-                    });
-                }
-                () = expired(&mut idle_timer) => {
-                    return Err(Error::IdleTransactionTimeout(idle_transaction_timeout));
-                }
-                read = self.stream.read_idle(&mut self.flow.buf) => read,
-            };
-            match read {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
+            match read? {
+                0 => return Ok(false),
+                n => {
                     self.pool
                         .stats
                         .received
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(e) => return Err(Error::ClientIo(e)),
             }
+        }
+    }
+
+    /// Reads the client's next request between transactions, unless KILL or a
+    /// shutdown comes first.
+    async fn read_between_transactions(&mut self) -> Result<usize> {
+        tokio::select! {
+            // First: a client that always has its next request ready still hears about
+            // a shutdown between transactions.
+            biased;
+            raised = self.registration.info.interrupt.raised(interrupt::KILL | interrupt::SHUTDOWN) => {
+                Err(if raised & interrupt::KILL != 0 {
+                    Error::Killed
+                } else {
+                    Error::Shutdown
+                })
+            }
+            read = self.stream.read_idle(&mut self.flow.buf) => read.map_err(Error::ClientIo),
+        }
+    }
+
+    /// Reads the next request of a client inside a block pgmux opened for it (a
+    /// deferred BEGIN). The client is in a transaction: shutdown lets it finish, as it
+    /// lets one on a server, and idle_transaction_timeout applies as on a server.
+    async fn read_in_deferred_block(&mut self, app: &Arc<App>) -> Result<usize> {
+        let limit = app.config().pgmux.idle_transaction_timeout;
+        let idle = async {
+            if limit.is_zero() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(limit).await;
+        };
+        tokio::select! {
+            biased;
+            _ = self.registration.info.interrupt.raised(interrupt::KILL) => Err(Error::Killed),
+            () = idle => Err(Error::IdleTransactionTimeout(limit)),
+            read = self.stream.read_idle(&mut self.flow.buf) => read.map_err(Error::ClientIo),
         }
     }
 
@@ -876,87 +886,52 @@ impl Client {
         self.pools.router.is_some() && self.mode == PoolMode::Transaction
     }
 
-    /// Answers a lone `BEGIN` itself (see [`DeferredBegin`]); where transactions are
-    /// routed, also one with modes, so that the statement after it can still choose the
-    /// server (`SET TRANSACTION READ ONLY` goes to a replica). Returns whether it did.
-    async fn answer_begin(&mut self) -> Result<bool> {
+    /// Takes a lone `BEGIN` waiting in the buffer, which starts with `tag`, as a block
+    /// pgmux opens for the client itself (see [`DeferredBegin`]), and says what to
+    /// answer. Plain ones, by simple Query or in the shapes of the extended protocol
+    /// that [`request::extended_begin`] knows; where transactions are routed, also one
+    /// with modes, so that the statement after it can still choose the server
+    /// (`SET TRANSACTION READ ONLY` goes to a replica).
+    fn defer_begin(&mut self, tag: u8, whole: bool) -> LoneBegin {
+        if self.mode != PoolMode::Transaction || self.route.deferred_begin.is_some() {
+            return LoneBegin::Not;
+        }
         let pending = self.flow.pending();
-        let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
-        if self.route.deferred_begin.is_some() || pending.len() != len + 1 {
-            return Ok(false);
-        }
-        let body = &pending[5..=len];
-        let text = body.strip_suffix(b"\0").unwrap_or(body);
-        let (deferred, begin) = match sql::plain_begin(text) {
-            Some(plain) => (DeferredBegin::Plain { unnamed: false }, plain),
-            None if self.routes_transactions() => {
-                let text = String::from_utf8_lossy(text);
-                if !classify::opening(&text).is_bare_begin() {
-                    return Ok(false);
+        let (deferred, answer) = match tag {
+            tag::QUERY if whole => {
+                let len = i32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                if pending.len() != len as usize + 1 {
+                    return LoneBegin::Not;
                 }
-                let start = sql::single_statement_words(&text)
-                    .is_some_and(|(words, _)| words.first().is_some_and(|w| w == "start"));
-                let begin = if start {
-                    sql::PlainBegin::StartTransaction
-                } else {
-                    sql::PlainBegin::Begin
-                };
-                (DeferredBegin::Modes(text.into_owned()), begin)
+                let body = &pending[5..];
+                let text = body.strip_suffix(b"\0").unwrap_or(body);
+                match sql::plain_begin(text) {
+                    Some(plain) => (DeferredBegin::Plain { unnamed: false }, plain.answer()),
+                    None if self.routes_transactions() => match begin_with_modes(text) {
+                        Some(found) => found,
+                        None => return LoneBegin::Not,
+                    },
+                    None => return LoneBegin::Not,
+                }
             }
-            None => return Ok(false),
+            tag::PARSE | tag::BIND => {
+                match request::extended_begin(pending, self.statements.as_ref()) {
+                    BeginScan::Begin(begin) => (
+                        DeferredBegin::Plain {
+                            unnamed: begin.parsed,
+                        },
+                        extended_begin_answer(begin),
+                    ),
+                    BeginScan::Incomplete => return LoneBegin::Incomplete,
+                    BeginScan::Other => return LoneBegin::Not,
+                }
+            }
+            _ => return LoneBegin::Not,
         };
-        self.route.deferred_begin = Some(deferred);
-        self.flow.buf.advance(len + 1);
-        self.stream
-            .write_all(begin.answer())
-            .await
-            .map_err(Error::ClientIo)?;
-        Ok(true)
-    }
-
-    /// Whether the request waiting, which starts with `tag`, is a plain `BEGIN` sent
-    /// with the extended protocol (see [`request::extended_begin`]) that pgmux can
-    /// answer itself.
-    fn extended_begin(&self, tag: u8) -> BeginScan {
-        if !matches!(tag, tag::PARSE | tag::BIND)
-            || self.mode != PoolMode::Transaction
-            || self.route.deferred_begin.is_some()
-        {
-            return BeginScan::Other;
-        }
-        request::extended_begin(self.flow.pending(), self.statements.as_ref())
-    }
-
-    /// Answers the extended-protocol `BEGIN` that [`Client::extended_begin`] found, as
-    /// the server would have: ParseComplete, BindComplete, NoData as asked for, then
-    /// CommandComplete and ReadyForQuery. Returns `false`, answering nothing, while the
-    /// request is not all here yet.
-    async fn answer_extended_begin(&mut self, found: BeginScan) -> Result<bool> {
-        let BeginScan::Begin(begin) = found else {
-            return Ok(false);
-        };
-        let len = self.flow.pending().len();
+        let len = pending.len();
         self.flow.buf.advance(len);
-        self.route.deferred_begin = Some(DeferredBegin::Plain {
-            unnamed: begin.parsed,
-        });
-        // ParseComplete, BindComplete and NoData are bodiless: a tag and length 4.
-        let mut out = [0u8; 64];
-        let mut n = 0;
-        for (tag, wanted) in [(b'1', begin.parsed), (b'2', true), (b'n', begin.described)] {
-            if wanted {
-                out[n..n + 5].copy_from_slice(&[tag, 0, 0, 0, 4]);
-                n += 5;
-            }
-        }
-        let answer = begin.begin.answer();
-        out[n..n + answer.len()].copy_from_slice(answer);
-        n += answer.len();
-        self.stream
-            .write_all(&out[..n])
-            .await
-            .map_err(Error::ClientIo)?;
-        Ok(true)
+        self.route.deferred_begin = Some(deferred);
+        LoneBegin::Answer(answer)
     }
 
     /// Whether the session is read-only: a `read_only_alias` client, or one whose
@@ -1273,12 +1248,65 @@ impl Client {
     }
 }
 
-/// Waits for `timer`, or forever without one.
-async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(timer) => timer.await,
-        None => std::future::pending().await,
+/// What [`Client::defer_begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoneBegin {
+    /// A lone `BEGIN`, now held by pgmux: this is the answer the client is owed.
+    Answer(&'static [u8]),
+    /// It may be one once the rest of the request has arrived.
+    Incomplete,
+    Not,
+}
+
+/// A lone `BEGIN` with modes, for routing (see [`DeferredBegin::Modes`]), and the answer
+/// it is owed.
+fn begin_with_modes(text: &[u8]) -> Option<(DeferredBegin, &'static [u8])> {
+    let text = String::from_utf8_lossy(text);
+    if !classify::opening(&text).is_bare_begin() {
+        return None;
     }
+    let start = sql::single_statement_words(&text)
+        .is_some_and(|(words, _)| words.first().is_some_and(|w| w == "start"));
+    let begin = if start {
+        sql::PlainBegin::StartTransaction
+    } else {
+        sql::PlainBegin::Begin
+    };
+    Some((DeferredBegin::Modes(text.into_owned()), begin.answer()))
+}
+
+/// What the server answers an extended-protocol `BEGIN` with: ParseComplete,
+/// BindComplete and NoData as the request asked for, then CommandComplete and
+/// ReadyForQuery. The eight possible answers are made once.
+fn extended_begin_answer(begin: request::ExtendedBegin) -> &'static [u8] {
+    static ANSWERS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let index = |parsed: bool, described: bool, start: bool| {
+        usize::from(parsed) | usize::from(described) << 1 | usize::from(start) << 2
+    };
+    let answers = ANSWERS.get_or_init(|| {
+        (0..8)
+            .map(|i| {
+                let (parsed, described, start) = (i & 1 != 0, i & 2 != 0, i & 4 != 0);
+                let mut answer = Vec::new();
+                // Bodiless messages: a tag and the length 4.
+                for (tag, wanted) in [(b'1', parsed), (b'2', true), (b'n', described)] {
+                    if wanted {
+                        answer.extend_from_slice(&[tag, 0, 0, 0, 4]);
+                    }
+                }
+                let begin = if start {
+                    sql::PlainBegin::StartTransaction
+                } else {
+                    sql::PlainBegin::Begin
+                };
+                answer.extend_from_slice(begin.answer());
+                debug_assert_eq!(i, index(parsed, described, start));
+                answer
+            })
+            .collect()
+    });
+    let start = begin.begin == sql::PlainBegin::StartTransaction;
+    &answers[index(begin.parsed, begin.described, start)]
 }
 
 /// Refuses a message whose length field is impossible or over `max_message_size`,
@@ -1357,6 +1385,7 @@ mod tests {
         // With `handle` an `async fn` holding the session future twice it was 1,144 in
         // test builds and 3,248 in release builds. A change that needs more must say
         // so here, knowing every idle client pays for it.
+        eprintln!("TASKSIZE {size}");
         assert!(size <= 1_100, "a client's task state grew to {size} bytes");
     }
 

@@ -222,7 +222,7 @@ pub fn begin_ahead(flow: &mut Flow, tracker: &mut Tracker, unnamed: bool) -> boo
     flow.splice_ready(0, if unnamed { BEGIN_EXTENDED } else { BEGIN_QUERY });
     tracker.pending += 1;
     tracker.owed_seq += 1;
-    tracker.hidden += 1;
+    tracker.begin_ahead = true;
     tracker.began();
     true
 }
@@ -263,9 +263,9 @@ pub struct Tracker {
     /// A statement ran whose completion does not rule out a write: anything but the
     /// session and transaction-control commands that never touch data.
     wrote: bool,
-    /// ReadyForQuery messages owed for a `BEGIN` pgmux sent ahead of the client's
-    /// request (see [`begin_ahead`]): that answer is checked, and kept from the client.
-    hidden: u32,
+    /// A `BEGIN` pgmux sent ahead of the client's request (see [`begin_ahead`]) is
+    /// not answered yet: that answer is checked, and kept from the client.
+    begin_ahead: bool,
 }
 
 impl Tracker {
@@ -306,11 +306,6 @@ impl Tracker {
 
     pub fn copy_in(&self) -> bool {
         self.copy_in
-    }
-
-    /// A `BEGIN` pgmux sent ahead of the client's request has not been answered yet.
-    pub fn begin_unanswered(&self) -> bool {
-        self.hidden > 0
     }
 
     /// Whether the attached server is at a point where it may be given to someone else.
@@ -838,7 +833,7 @@ impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
             )
         };
         while !self.boundary {
-            let hiding = self.tracker.hidden > 0;
+            let hiding = self.tracker.begin_ahead;
             let frame = match self
                 .server
                 .flow
@@ -949,7 +944,7 @@ impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                 let status = self.server.flow.body(frame).first().copied();
                 t.pending -= 1;
                 t.seen_seq += 1;
-                t.hidden -= 1;
+                t.begin_ahead = false;
                 if status != Some(b'T') || t.failed {
                     self.server.broken = true;
                     return Err(Error::ServerProtocol(
