@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::types::Type;
 
 /// A fresh database on the shared cluster and a pgmux in front of it.
 async fn setup(prefix: &str, general: &str) -> (String, pgmux::Running) {
@@ -1074,4 +1075,111 @@ async fn idle_transaction_timeout_applies_after_a_lone_begin() {
     b.batch_execute("BEGIN").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     b.batch_execute("SELECT 1; COMMIT").await.unwrap();
+}
+
+/// Clients queued for one server get their own answers as it passes from one to the
+/// next: behind a lone BEGIN, with the extended protocol, and with session parameters
+/// of their own (which are brought in line first); a waiter that left meanwhile does
+/// not spoil the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_get_their_own_answers_from_a_handed_over_server() {
+    let (db, mux) = setup(
+        "handover",
+        "default_pool_size = 1\nquery_wait_timeout = \"30s\"",
+    )
+    .await;
+    let holder = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let begun = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    begun.batch_execute("BEGIN").await.unwrap();
+    let (leaver, leaver_task) = connect_killable(mux.addr, &db).await;
+    let extended = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    let named = connect_with(
+        mux.addr,
+        "app",
+        "app-secret",
+        &db,
+        "application_name=waiter-four",
+    )
+    .await
+    .unwrap();
+
+    let queued = |n: usize| {
+        let mux = &mux;
+        let db = &db;
+        async move {
+            eventually(Duration::from_secs(10), || {
+                mux.app.pool_snapshot(db, "app").unwrap().waiting == n
+            })
+            .await
+        }
+    };
+    let mut waiting = Vec::new();
+    waiting.push(tokio::spawn(async move {
+        begun
+            .batch_execute("INSERT INTO items(v) VALUES ('handed over')")
+            .await
+            .unwrap();
+        let first = simple_value(&begun, "SELECT txid_current()").await;
+        let again = simple_value(&begun, "SELECT txid_current()").await;
+        begun.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(first, again, "the block ran on one server");
+        first
+    }));
+    assert!(queued(1).await);
+    let leaving = tokio::spawn(async move {
+        let _ = leaver
+            .batch_execute("INSERT INTO items(v) VALUES ('left')")
+            .await;
+    });
+    assert!(queued(2).await);
+    leaver_task.abort();
+    leaving.abort();
+    waiting.push(tokio::spawn(async move {
+        // query_typed: the unnamed statement, Parse/Bind/Describe/Execute/Sync.
+        let rows = extended
+            .query_typed("SELECT $1::text || 'x'", &[(&"extended", Type::TEXT)])
+            .await
+            .unwrap();
+        Some(rows[0].get::<_, String>(0))
+    }));
+    assert!(queued(3).await);
+    waiting.push(tokio::spawn(async move {
+        simple_value(&named, "SELECT current_setting('application_name')").await
+    }));
+    assert!(queued(4).await);
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let mut answers = Vec::new();
+    for w in waiting {
+        answers.push(
+            tokio::time::timeout(Duration::from_secs(20), w)
+                .await
+                .expect("served")
+                .unwrap(),
+        );
+    }
+    assert!(answers[0].is_some());
+    assert_eq!(answers[1].as_deref(), Some("extendedx"));
+    assert_eq!(answers[2].as_deref(), Some("waiter-four"));
+    let count = |v: &'static str| {
+        let holder = &holder;
+        async move {
+            simple_value(
+                holder,
+                &format!("SELECT count(*) FROM items WHERE v = '{v}'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(count("handed over").await.as_deref(), Some("0"));
+    // The one that left is noticed only when the server is handed to it: its
+    // statement, sent in full before it left, runs to its end in autocommit.
+    assert_eq!(count("left").await.as_deref(), Some("1"));
+    let idle_in_tx = primary().psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+         AND state LIKE 'idle in transaction%'"
+    ));
+    assert_eq!(idle_in_tx, "0");
 }
