@@ -98,7 +98,7 @@ fn init_logging(args: &Args) {
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
     if let Some(addr) = config.pgmux.metrics_listen {
-        if let Err(e) = pgmux::metrics::install(addr, config.pgmux.query_wait_timeout) {
+        if let Err(e) = pgmux::metrics::install(addr, config.pgmux.query_wait_timeout).await {
             eprintln!("pgmux: cannot serve metrics on {addr}: {e}");
             return ExitCode::FAILURE;
         }

@@ -1,16 +1,26 @@
-//! Prometheus metrics: names, labels, and the exporter.
+//! Prometheus metrics: names, labels, and the endpoint that serves them.
 //!
-//! Every pool registers its handles once at creation. Histograms are recorded as things
-//! happen. A pool's gauges and its per-transaction counters (transactions, queries,
-//! bytes) are copied from the pool's own atomic counts by its upkeep, every
-//! `maintenance_interval`: the relay does not touch the metrics registry per message.
+//! Every pool registers its handles once at creation. A pool's gauges and its
+//! per-transaction counters (transactions, queries, bytes) are copied from the pool's
+//! own atomic counts by its upkeep, every `maintenance_interval`: the relay does not
+//! touch the metrics registry per message. The three duration histograms are recorded
+//! as things happen, up to three times per transaction, so they are [`Timing`]s of
+//! pgmux's own: a fixed set of bucket counters, where the exporter's histograms keep
+//! every sample until a scrape or upkeep sorts them into buckets. Counters and gauges
+//! go through the `metrics` crate and its Prometheus exporter as usual; the endpoint
+//! serves the exporter's text followed by the timings'.
 //! Metric names follow Prometheus conventions: base units, `_total` for counters.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics::{counter, gauge, Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 pub const POOL_WAIT: &str = "pgmux_pool_wait_seconds";
 pub const TRANSACTION_DURATION: &str = "pgmux_transaction_duration_seconds";
@@ -35,24 +45,26 @@ pub fn wait_buckets(query_wait_timeout: Duration) -> Vec<f64> {
     buckets
 }
 
-/// Installs the global recorder and serves `/metrics` on `addr`.
-pub fn install(addr: SocketAddr, query_wait_timeout: Duration) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            Matcher::Full(POOL_WAIT.to_string()),
-            &wait_buckets(query_wait_timeout),
-        )
-        .map_err(|e| e.to_string())?
-        .set_buckets_for_metric(
-            Matcher::Full(TRANSACTION_DURATION.to_string()),
-            DURATION_BUCKETS,
-        )
-        .map_err(|e| e.to_string())?
-        .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), DURATION_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install()
+/// Bucket bounds of [`POOL_WAIT`], fixed by the `query_wait_timeout` in force when the
+/// endpoint started (the default's, if it never did). A reload does not change them:
+/// series whose buckets moved would not add up across a scrape.
+static WAIT_BOUNDS: OnceLock<Vec<f64>> = OnceLock::new();
+
+fn wait_bounds() -> &'static [f64] {
+    WAIT_BOUNDS.get_or_init(|| wait_buckets(Duration::from_secs(120)))
+}
+
+/// Installs the global recorder and serves the metrics over HTTP on `addr`: any path
+/// but `/health` (which answers `OK`) gets the whole exposition.
+pub async fn install(addr: SocketAddr, query_wait_timeout: Duration) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
+    WAIT_BOUNDS
+        .set(wait_buckets(query_wait_timeout))
+        .map_err(|_| "the metrics endpoint is already installed".to_string())?;
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
         .map_err(|e| e.to_string())?;
+    tokio::spawn(serve(listener, handle));
     gauge!("pgmux_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Both series exist from the start, so a dashboard sees 0 rather than nothing.
     for result in ["success", "failure"] {
@@ -69,7 +81,7 @@ pub fn config_reload(ok: bool) {
 
 /// Handles for one pool's series, labelled `database` and `user`.
 pub struct PoolMetrics {
-    pub wait: Histogram,
+    pub wait: Arc<Timing>,
     pub clients: Gauge,
     pub clients_waiting: Gauge,
     pub servers_active: Gauge,
@@ -77,8 +89,8 @@ pub struct PoolMetrics {
     pub servers_total: Gauge,
     pub servers_connecting: Gauge,
     pub oldest_wait: Gauge,
-    pub transaction_duration: Histogram,
-    pub query_duration: Histogram,
+    pub transaction_duration: Arc<Timing>,
+    pub query_duration: Arc<Timing>,
     /// Server connections that failed: could not be opened, or broke while in use.
     pub server_errors: Counter,
     pub transactions: Counter,
@@ -106,15 +118,15 @@ impl PoolMetrics {
             labels.push(("replica", replica.to_string()));
         }
         PoolMetrics {
-            wait: histogram!(POOL_WAIT, &labels),
+            wait: timing(POOL_WAIT, &labels, wait_bounds()),
             clients: gauge!("pgmux_pool_clients", &labels),
             clients_waiting: gauge!("pgmux_pool_clients_waiting", &labels),
             servers_active: gauge!("pgmux_pool_servers_active", &labels),
             servers_idle: gauge!("pgmux_pool_servers_idle", &labels),
             servers_total: gauge!("pgmux_pool_servers", &labels),
             servers_connecting: gauge!("pgmux_pool_servers_connecting", &labels),
-            transaction_duration: histogram!(TRANSACTION_DURATION, &labels),
-            query_duration: histogram!(QUERY_DURATION, &labels),
+            transaction_duration: timing(TRANSACTION_DURATION, &labels, DURATION_BUCKETS),
+            query_duration: timing(QUERY_DURATION, &labels, DURATION_BUCKETS),
             server_errors: counter!("pgmux_server_errors_total", &labels),
             oldest_wait: gauge!("pgmux_pool_oldest_wait_seconds", &labels),
             transactions: counter!("pgmux_transactions_total", &labels),
@@ -154,9 +166,257 @@ pub fn error(kind: &'static str) {
     counter!("pgmux_errors_total", "kind" => kind).increment(1);
 }
 
+/// A duration histogram with fixed buckets, in the Prometheus sense: a count per bucket,
+/// the sum and the count of all samples. Recording one is a search among the bounds and
+/// two relaxed atomic additions; nothing is allocated and no clock is read.
+#[derive(Debug)]
+pub struct Timing {
+    /// Upper bounds of the finite buckets in nanoseconds, ascending.
+    bounds_ns: Box<[u64]>,
+    /// The same bounds in seconds, as the `le` label shows them.
+    bounds: Box<[f64]>,
+    /// Samples per bucket, not cumulative; the last one holds those above every bound.
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+impl Timing {
+    pub fn new(bounds: &[f64]) -> Timing {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "ascending bounds");
+        Timing {
+            bounds_ns: bounds.iter().map(|b| (b * 1e9).round() as u64).collect(),
+            bounds: bounds.into(),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn record(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // A sample on a bound belongs to that bound's bucket (`le`: less or equal).
+        let bucket = self.bounds_ns.partition_point(|&bound| bound < ns);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound, then that of `+Inf` (the count of all samples), and
+    /// the sum in seconds.
+    fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut total = 0;
+        let cumulative = self
+            .counts
+            .iter()
+            .map(|c| {
+                total += c.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (cumulative, sum)
+    }
+}
+
+/// A registered timing series: its metric name, its labels as rendered, and its counts.
+struct Series {
+    name: &'static str,
+    labels: String,
+    timing: Arc<Timing>,
+}
+
+/// Every timing series registered, in order of registration. A pool made again by a
+/// reload, with the same labels, gets the same series back, so its counts go on.
+static TIMINGS: Mutex<Vec<Series>> = Mutex::new(Vec::new());
+
+/// The timing series `name` with `labels`, registered on first use with `bounds`.
+pub fn timing(name: &'static str, labels: &[(&str, String)], bounds: &[f64]) -> Arc<Timing> {
+    let mut rendered = String::new();
+    for (i, (key, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            rendered.push(',');
+        }
+        rendered.push_str(key);
+        rendered.push_str("=\"");
+        escape_label_value(&mut rendered, value);
+        rendered.push('"');
+    }
+    let mut all = TIMINGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(series) = all.iter().find(|s| s.name == name && s.labels == rendered) {
+        return Arc::clone(&series.timing);
+    }
+    let timing = Arc::new(Timing::new(bounds));
+    all.push(Series {
+        name,
+        labels: rendered,
+        timing: Arc::clone(&timing),
+    });
+    timing
+}
+
+/// Label values escape backslash, double quote and line feed, and nothing else.
+fn escape_label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The timing series in the Prometheus text format, one family per metric name.
+fn render_timings(out: &mut String) {
+    let all = TIMINGS.lock().unwrap_or_else(|e| e.into_inner());
+    for name in [POOL_WAIT, TRANSACTION_DURATION, QUERY_DURATION] {
+        let mut family = all.iter().filter(|s| s.name == name).peekable();
+        if family.peek().is_none() {
+            continue;
+        }
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for series in family {
+            let labels = &series.labels;
+            let sep = if labels.is_empty() { "" } else { "," };
+            let (cumulative, sum) = series.timing.snapshot();
+            let count = *cumulative.last().expect("the +Inf bucket");
+            for (bound, n) in series.timing.bounds.iter().zip(&cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
+        out.push('\n');
+    }
+}
+
+/// The whole exposition: the exporter's counters and gauges, then the timings.
+fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    render_timings(&mut text);
+    text
+}
+
+/// Longest request head read from a scraper, and how long it may take to send it and
+/// read the answer.
+const REQUEST_MAX: usize = 16 * 1024;
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves scrapes, one task per connection, until the process ends.
+async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let handle = Arc::new(handle);
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let handle = Arc::clone(&handle);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, scrape(stream, &handle)).await;
+                });
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: the clients' work goes on, and the
+                // next scrape tries again.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers one HTTP/1.x request and closes the connection (scrapers open a new one, or
+/// reuse none, either way).
+async fn scrape(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > REQUEST_MAX {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, path) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    match method {
+        b"GET" | b"HEAD" => {
+            let body = if path == b"/health" {
+                "OK".to_string()
+            } else {
+                handle.run_upkeep();
+                render(handle)
+            };
+            let body = if method == b"HEAD" { "" } else { &body };
+            respond(&mut stream, "200 OK", body).await
+        }
+        _ => respond(&mut stream, "405 Method Not Allowed", "").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_count_samples_into_le_buckets() {
+        let t = Timing::new(&[0.001, 0.01]);
+        t.record(Duration::from_micros(500));
+        t.record(Duration::from_millis(1)); // on the bound: its bucket
+        t.record(Duration::from_millis(5));
+        t.record(Duration::from_secs(3));
+        let (cumulative, sum) = t.snapshot();
+        assert_eq!(cumulative, [2, 3, 4]);
+        assert!((sum - 3.0065).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn timings_render_as_prometheus_histograms() {
+        let labels = [
+            ("database", "a\"b\\c\nd".to_string()),
+            ("user", "u".to_string()),
+        ];
+        let t = timing(QUERY_DURATION, &labels, &[0.5, 1.0]);
+        let again = timing(QUERY_DURATION, &labels, &[0.5, 1.0]);
+        assert!(Arc::ptr_eq(&t, &again), "the same series comes back");
+        t.record(Duration::from_millis(250));
+        t.record(Duration::from_secs(2));
+        let mut text = String::new();
+        render_timings(&mut text);
+        let l = r#"database="a\"b\\c\nd",user="u""#;
+        for line in [
+            format!("# TYPE {QUERY_DURATION} histogram"),
+            format!("{QUERY_DURATION}_bucket{{{l},le=\"0.5\"}} 1"),
+            format!("{QUERY_DURATION}_bucket{{{l},le=\"1\"}} 1"),
+            format!("{QUERY_DURATION}_bucket{{{l},le=\"+Inf\"}} 2"),
+            format!("{QUERY_DURATION}_sum{{{l}}} 2.25"),
+            format!("{QUERY_DURATION}_count{{{l}}} 2"),
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn buckets_reach_past_the_timeout() {

@@ -349,7 +349,7 @@ impl Pool {
             let now = Instant::now();
             let waited = now.saturating_duration_since(start);
             server.last_used = now;
-            self.metrics.wait.record(waited.as_secs_f64());
+            self.metrics.wait.record(waited);
             self.stats
                 .wait_us
                 .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
@@ -386,7 +386,7 @@ impl Pool {
         tokio::select! {
             r = tokio::time::timeout(remaining, resumed) => {
                 if r.is_err() {
-                    self.metrics.wait.record(start.elapsed().as_secs_f64());
+                    self.metrics.wait.record(start.elapsed());
                     return Err(Error::PoolTimeout(timeout));
                 }
             }
@@ -439,7 +439,7 @@ impl Pool {
             }
             let waiter = st.waiters.pop_front().expect("a front waiter");
             if !waiter.tx.is_closed() {
-                self.metrics.wait.record((now - waiter.since).as_secs_f64());
+                self.metrics.wait.record(now - waiter.since);
                 let _ = waiter.tx.send(Err(Error::PoolTimeout(timeout)));
             }
         };

@@ -1018,7 +1018,7 @@ impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
         stats.queries.fetch_add(1, Relaxed);
         let query_took = t.query_started.map(|started| {
             let took = now.saturating_duration_since(started);
-            m.query_duration.record(took.as_secs_f64());
+            m.query_duration.record(took);
             stats.query_us.fetch_add(took.as_micros() as u64, Relaxed);
             (started, took)
         });
@@ -1034,7 +1034,7 @@ impl<S: RelayRead + AsyncWrite + Unpin> Relay<'_, '_, S> {
                     Some((query_started, took)) if query_started == started => took,
                     _ => now.saturating_duration_since(started),
                 };
-                m.transaction_duration.record(took.as_secs_f64());
+                m.transaction_duration.record(took);
                 stats
                     .transaction_us
                     .fetch_add(took.as_micros() as u64, Relaxed);
