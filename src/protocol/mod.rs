@@ -65,6 +65,11 @@ pub fn header(buf: &[u8]) -> Option<Result<(u8, usize), i32>> {
 
 /// Reads a NUL-terminated string from the front of `buf`, returning it and the rest.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    // The unnamed statement and portal are the empty string, and drivers use them for
+    // most statements: that is settled by the first byte, without memchr's set-up.
+    if buf.first() == Some(&0) {
+        return Some((&buf[..0], &buf[1..]));
+    }
     // memchr rather than a byte loop: a Parse's query text is scanned for its end
     // several times per message on the hot path.
     let end = memchr::memchr(0, buf)?;
@@ -87,5 +92,8 @@ mod tests {
     fn cstr_splits_at_nul() {
         assert_eq!(cstr(b"abc\0def"), Some((&b"abc"[..], &b"def"[..])));
         assert_eq!(cstr(b"abc"), None);
+        assert_eq!(cstr(b"\0\0x"), Some((&b""[..], &b"\0x"[..])));
+        assert_eq!(cstr(b"\0"), Some((&b""[..], &b""[..])));
+        assert_eq!(cstr(b""), None);
     }
 }
