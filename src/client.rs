@@ -793,6 +793,11 @@ impl Client {
                     {
                         return Ok(true)
                     }
+                    // Nor is a Parse of the unnamed statement (drivers' one-off
+                    // statements) answered below.
+                    (tag::PARSE, _) if self.flow.pending().get(HEADER_LEN) == Some(&0) => {
+                        return Ok(true)
+                    }
                     // Also inside a block pgmux opened for the client and holds no
                     // server for yet: pgbench -M prepared prepares each statement of a
                     // transaction with a blocking call, and while one of its clients
