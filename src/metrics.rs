@@ -428,4 +428,64 @@ mod tests {
         assert!((b.last().unwrap() - 0.3).abs() < 1e-9);
         assert!(b.windows(2).all(|w| w[0] < w[1]));
     }
+
+    /// Sends `request` to the endpoint at `addr` and returns what it answered before it
+    /// closed. A connection reset ends the answer too: the endpoint closes a socket
+    /// whose request it did not read to the end, and the kernel then resets it.
+    async fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let read_all = async {
+            while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                answer.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read_all)
+            .await
+            .expect("the endpoint answers and closes");
+        String::from_utf8(answer).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_scrapes_health_checks_and_nothing_else() {
+        // A recorder of the test's own: the global one is not installed here.
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, handle));
+        timing(
+            TRANSACTION_DURATION,
+            &[("database", "endpoint".to_string())],
+            &[0.001],
+        )
+        .record(Duration::from_micros(10));
+
+        let metrics = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (head, body) = metrics.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains(&format!(
+                "{TRANSACTION_DURATION}_bucket{{database=\"endpoint\",le=\"0.001\"}} 1\n"
+            )),
+            "{body}"
+        );
+
+        let health = ask(addr, b"GET /health HTTP/1.0\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("\r\n\r\nOK"));
+
+        let post = ask(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+
+        // A request head that never ends is cut off, not buffered without bound.
+        let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'x', REQUEST_MAX + 2048));
+        let refused = ask(addr, &huge).await;
+        assert!(refused.starts_with("HTTP/1.1 431 "), "{refused}");
+    }
 }
