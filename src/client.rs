@@ -24,7 +24,7 @@ use crate::pool::{Pool, Pooled};
 use crate::prepared::{ClientStatements, Local};
 use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
-use crate::protocol::{tag, HEADER_LEN};
+use crate::protocol::tag;
 use crate::relay::{self, ClientEnd, End, Flow, Limits, Tracker};
 use crate::routing::classify::{self, Opening};
 use crate::routing::request::{self, BeginScan};
@@ -782,21 +782,6 @@ impl Client {
                     (tag::FLUSH, 4) => {
                         self.flow.buf.advance(5);
                         true
-                    }
-                    // The one simple query answered below is a DEALLOCATE: one whose
-                    // first letter is already here and another needs a server.
-                    (tag::QUERY, _)
-                        if self.flow.pending()[HEADER_LEN..]
-                            .iter()
-                            .find(|b| !b.is_ascii_whitespace())
-                            .is_some_and(|b| !b.eq_ignore_ascii_case(&b'd')) =>
-                    {
-                        return Ok(true)
-                    }
-                    // Nor is a Parse of the unnamed statement (drivers' one-off
-                    // statements) answered below.
-                    (tag::PARSE, _) if self.flow.pending().get(HEADER_LEN) == Some(&0) => {
-                        return Ok(true)
                     }
                     // Also inside a block pgmux opened for the client and holds no
                     // server for yet: pgbench -M prepared prepares each statement of a

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use lru::LruCache;
 
-use crate::protocol::{backend, btag, cstr, tag};
+use crate::protocol::{backend, btag, cstr, tag, HEADER_LEN};
 
 /// Largest message considered for an answer without a server.
 const LOCAL_MESSAGE_MAX: usize = 1 << 20;
@@ -904,6 +904,22 @@ impl ClientStatements {
     /// to `reply`. `status` is the client's transaction status for their ReadyForQuery:
     /// `T` inside a block pgmux opened for it and holds no server for yet.
     pub fn answer_locally(&mut self, pending: &[u8], status: u8, reply: &mut BytesMut) -> Local {
+        // Nearly every request a client sends between transactions is neither, and its
+        // first bytes say so before the scan below: a simple query whose first letter
+        // cannot start a DEALLOCATE, or a Parse of the unnamed statement.
+        let body = pending.get(HEADER_LEN..).unwrap_or_default();
+        match pending.first() {
+            Some(&tag::QUERY)
+                if body
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| !b.eq_ignore_ascii_case(&b'd')) =>
+            {
+                return Local::NeedsServer
+            }
+            Some(&tag::PARSE) if body.first() == Some(&0) => return Local::NeedsServer,
+            _ => {}
+        }
         // First pass: how much of it, up to a Sync, is answerable? Whatever follows that
         // Sync is a request of its own, left for a server.
         let mut at = 0;
