@@ -20,7 +20,7 @@ use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::params::{self, ParamSet, ParamValue};
-use crate::pool::{Pool, Pooled};
+use crate::pool::{Handover, Pool, Pooled};
 use crate::prepared::{ClientStatements, Local};
 use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
@@ -119,6 +119,7 @@ async fn open_session(app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) -> Resul
             reported: session.reported,
             tracker: Tracker::default(),
             cancel: session.cancel,
+            handover: Handover::default(),
             _admission: session.admission,
         })),
         Ok(Ok(None)) => Ok(None),
@@ -193,6 +194,8 @@ struct Client {
     pools: Arc<Pools>,
     route: Route,
     cancel: SlotGuard,
+    /// Where a pool leaves the server this client waits for.
+    handover: Handover,
     /// Keeps the max_client_conn count until the client is gone.
     _admission: crate::Admission,
 }
@@ -1121,7 +1124,11 @@ impl Client {
     /// line; sends a `BEGIN` pgmux answered earlier.
     async fn attach(&mut self, pool: &Arc<Pool>, started: std::time::Instant) -> Result<Pooled> {
         let mut server = pool
-            .checkout_unless(&self.registration.info.interrupt, started)
+            .checkout_unless(
+                &self.registration.info.interrupt,
+                &mut self.handover,
+                started,
+            )
             .await?;
         if let Err(e) = self.sync_params(&mut server).await {
             let clean = !server.broken && matches!(e, Error::ServerLogin { .. });

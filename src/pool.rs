@@ -7,11 +7,12 @@
 //! `server_idle_timeout` to retire them when load drops.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::config::PoolSettings;
@@ -206,9 +207,139 @@ struct State {
     servers: BTreeMap<u64, ServerInfo>,
 }
 
+/// A client's place in the queue.
 struct Waiter {
-    tx: oneshot::Sender<Result<Pooled>>,
+    slot: Arc<Slot>,
+    /// Which wait of that client this is (see [`Slot`]).
+    wait: u64,
     since: Instant,
+}
+
+impl Waiter {
+    /// The client stopped this wait: it was served, timed out, or was killed.
+    fn gave_up(&self) -> bool {
+        !self.slot.is_waiting(self.wait)
+    }
+}
+
+/// Where a released server is left for a client that waits for one. A client keeps its
+/// slot for the whole session, so that a wait allocates nothing; it is made at the
+/// client's first wait, which keeps clients that never wait small.
+#[derive(Default)]
+pub struct Handover(Option<Arc<Slot>>);
+
+impl Handover {
+    fn slot(&mut self) -> &Arc<Slot> {
+        self.0.get_or_insert_with(Arc::default)
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        // Queue entries of waits given up may hold the slot a while longer; its waker
+        // would keep the finished client task's memory until then.
+        if let Some(slot) = &self.0 {
+            slot.lock().waker = None;
+        }
+    }
+}
+
+/// The pool's half of a [`Handover`]. Each wait gets a number of its own: a queue entry
+/// left behind by a wait the client gave up is skipped lazily, and must never serve
+/// (or time out) a later wait of the same client.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The wait in progress; 0 for none.
+    waiting: u64,
+    /// The number of the last wait begun.
+    last: u64,
+    /// The server, or the reason there is none, for the wait that just ended.
+    handed: Option<Result<Pooled>>,
+    /// The client task's waker. Kept after a hand-over (it is woken by reference): the
+    /// task stays the same, so the next wait needs no new registration.
+    waker: Option<Waker>,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Begins a wait and returns its number.
+    fn begin(&self) -> u64 {
+        let mut s = self.lock();
+        s.last += 1;
+        s.waiting = s.last;
+        s.last
+    }
+
+    fn is_waiting(&self, wait: u64) -> bool {
+        self.lock().waiting == wait
+    }
+
+    /// Ends wait `wait` with `value` and wakes the client; gives `value` back if that
+    /// wait is already over.
+    fn hand(&self, wait: u64, value: Result<Pooled>) -> std::result::Result<(), Result<Pooled>> {
+        let mut s = self.lock();
+        if s.waiting != wait {
+            return Err(value);
+        }
+        s.waiting = 0;
+        s.handed = Some(value);
+        // Waking only schedules the task, it never polls it here, so doing it under
+        // the slot's lock cannot reenter it.
+        if let Some(waker) = &s.waker {
+            waker.wake_by_ref();
+        }
+        Ok(())
+    }
+
+    /// Ready with what the wait was handed.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Result<Pooled>> {
+        let mut s = self.lock();
+        if let Some(value) = s.handed.take() {
+            return Poll::Ready(value);
+        }
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Ends wait `wait` from the client's side; returns what was handed to it meanwhile.
+    fn abandon(&self, wait: u64) -> Option<Result<Pooled>> {
+        let mut s = self.lock();
+        if s.waiting == wait {
+            s.waiting = 0;
+        }
+        s.handed.take()
+    }
+}
+
+/// A wait in progress. Dropped before the wait ends (the client was killed, or its
+/// task is going away), it leaves the queue, and gives back a server handed over at
+/// the same moment.
+struct Waiting<'a> {
+    pool: &'a Arc<Pool>,
+    slot: &'a Slot,
+    wait: u64,
+    done: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(Ok(server)) = self.slot.abandon(self.wait) {
+            self.pool.release(server, true);
+        }
+    }
 }
 
 impl Pool {
@@ -276,17 +407,23 @@ impl Pool {
 
     /// Obtains a server: an idle one, a new one if below size, or the next one released.
     pub async fn checkout(self: &Arc<Self>) -> Result<Pooled> {
-        self.checkout_unless(&Interrupt::default(), Instant::now())
-            .await
+        self.checkout_unless(
+            &Interrupt::default(),
+            &mut Handover::default(),
+            Instant::now(),
+        )
+        .await
     }
 
     /// Like [`Pool::checkout`], but gives up with [`Error::Killed`] when `cancel` is raised for KILL
     /// while the client waits (for a server, or for the end of a PAUSE). Opening a
     /// server is not interrupted: dropping that halfway would lose its slot. The wait is
     /// counted from `start`; the server's `last_used` is set to when it was handed out.
+    /// A server released while the client waits is left in `handover`.
     pub async fn checkout_unless(
         self: &Arc<Self>,
         cancel: &Interrupt,
+        handover: &mut Handover,
         start: Instant,
     ) -> Result<Pooled> {
         loop {
@@ -301,17 +438,22 @@ impl Pool {
                 } else if self.reserve(&mut st) {
                     Next::Open
                 } else {
-                    let (tx, rx) = oneshot::channel();
+                    let slot = handover.slot();
+                    let wait = slot.begin();
                     // Waiters that gave up stay queued until a hand-out skips them or
                     // upkeep sweeps them: no scan of the queue per checkout.
-                    st.waiters.push_back(Waiter { tx, since: start });
+                    st.waiters.push_back(Waiter {
+                        slot: Arc::clone(slot),
+                        wait,
+                        since: start,
+                    });
                     if st.waiters.len() == 1 {
                         // A new front: its deadline is the next one to watch.
                         self.queue_changed.notify_one();
                     }
                     self.note_starved(&st);
                     let starved = st.open < st.settings.size;
-                    Next::Wait(rx, st.settings.query_wait_timeout, starved)
+                    Next::Wait(wait, starved)
                 }
             };
             let mut server = match next {
@@ -337,13 +479,14 @@ impl Pool {
                     Box::pin(self.wait_for_resume(timeout, cancel, start)).await?;
                     continue;
                 }
-                Next::Wait(rx, timeout, starved) => {
+                Next::Wait(wait, starved) => {
                     if starved {
                         // The database as a whole is at max_db_connections: an idle
                         // server of another user's pool can make room.
                         self.limit.evict_idle_elsewhere(self);
                     }
-                    self.wait(rx, timeout, cancel).await?
+                    let slot = handover.0.as_deref().expect("made for the wait");
+                    self.wait(slot, wait, cancel).await?
                 }
             };
             let now = Instant::now();
@@ -398,28 +541,29 @@ impl Pool {
     /// Waits for a server handed over by `release`, or for the expiry task's timeout.
     /// No timer per waiting client: the queue is in arrival order and shares one
     /// timeout, so one timer for its front does (see [`expire_waiters`]).
-    async fn wait(
-        self: &Arc<Self>,
-        mut rx: oneshot::Receiver<Result<Pooled>>,
-        timeout: Duration,
-        cancel: &Interrupt,
-    ) -> Result<Pooled> {
-        let handed = tokio::select! {
-            biased;
-            handed = &mut rx => handed,
-            _ = cancel.raised(interrupt::KILL) => {
-                rx.close();
-                // A server handed over at the same moment goes back to the pool.
-                if let Ok(Ok(server)) = rx.try_recv() {
-                    self.release(server, true);
-                }
-                return Err(Error::Killed);
-            }
+    async fn wait(self: &Arc<Self>, slot: &Slot, wait: u64, cancel: &Interrupt) -> Result<Pooled> {
+        let mut waiting = Waiting {
+            pool: self,
+            slot,
+            wait,
+            done: false,
         };
+        let handed = poll_fn(|cx| {
+            // What was handed over counts first, even if a KILL came at the same time.
+            if let Poll::Ready(handed) = slot.poll_take(cx) {
+                return Poll::Ready(Some(handed));
+            }
+            cancel.poll_raised(cx, interrupt::KILL).map(|_| None)
+        })
+        .await;
         match handed {
-            Ok(result) => result,
-            // The pool dropped the waiter; only happens if the pool itself went away.
-            Err(_) => Err(Error::PoolTimeout(timeout)),
+            Some(handed) => {
+                waiting.done = true;
+                handed
+            }
+            // `waiting`, dropped here, leaves the queue and gives back a server handed
+            // over in the meantime.
+            None => Err(Error::Killed),
         }
     }
 
@@ -434,13 +578,15 @@ impl Pool {
                 break None;
             };
             let deadline = front.since + timeout;
-            if !front.tx.is_closed() && deadline > now {
+            if !front.gave_up() && deadline > now {
                 break Some(deadline);
             }
             let waiter = st.waiters.pop_front().expect("a front waiter");
-            if !waiter.tx.is_closed() {
+            let timed_out = waiter
+                .slot
+                .hand(waiter.wait, Err(Error::PoolTimeout(timeout)));
+            if timed_out.is_ok() {
                 self.metrics.wait.record(now - waiter.since);
-                let _ = waiter.tx.send(Err(Error::PoolTimeout(timeout)));
             }
         };
         self.note_starved(&st);
@@ -581,7 +727,7 @@ impl Pool {
         if !st.paused {
             while let Some(waiter) = st.waiters.pop_front() {
                 let server = unclaimed.take().expect("held until a waiter takes it");
-                match waiter.tx.send(Ok(server)) {
+                match waiter.slot.hand(waiter.wait, Ok(server)) {
                     Ok(()) => break,
                     Err(Ok(returned)) => unclaimed = Some(returned),
                     Err(Err(_)) => unreachable!("only servers are sent here"),
@@ -623,7 +769,7 @@ impl Pool {
 
     /// Opens a server in the background for the longest waiter, if there is room.
     fn refill_for_waiters(self: &Arc<Self>, st: &mut State) {
-        while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+        while st.waiters.front().is_some_and(Waiter::gave_up) {
             st.waiters.pop_front();
         }
         if st.paused || st.waiters.is_empty() || !self.reserve(st) {
@@ -638,7 +784,7 @@ impl Pool {
                     pool.unreserve(&mut st);
                     // Tell the longest waiter why instead of letting it time out.
                     while let Some(waiter) = st.waiters.pop_front() {
-                        if waiter.tx.send(Err(clone_error(&e))).is_ok() {
+                        if waiter.slot.hand(waiter.wait, Err(clone_error(&e))).is_ok() {
                             break;
                         }
                     }
@@ -725,7 +871,7 @@ impl Pool {
     /// transaction: the gauges and the busiest counters are not touched on that path.
     fn publish_metrics(&self, st: &State) {
         let m = &self.metrics;
-        let waiting = st.waiters.iter().filter(|w| !w.tx.is_closed()).count() + st.held.len();
+        let waiting = st.waiters.iter().filter(|w| !w.gave_up()).count() + st.held.len();
         let active = st.open - st.idle.len() - st.connecting;
         m.clients.set(st.clients as f64);
         m.clients_waiting.set(waiting as f64);
@@ -753,7 +899,7 @@ impl Pool {
             paused: st.paused,
             size: st.settings.size,
             mode: st.settings.mode,
-            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count() + st.held.len(),
+            waiting: st.waiters.iter().filter(|w| !w.gave_up()).count() + st.held.len(),
             clients: st.clients,
             oldest_wait: oldest_wait(&st),
         }
@@ -881,7 +1027,7 @@ impl Pool {
                     i += 1;
                 }
             }
-            st.waiters.retain(|w| !w.tx.is_closed());
+            st.waiters.retain(|w| !w.gave_up());
             self.stats.roll_period();
             self.publish_metrics(&st);
             let after = st.open - retired.len();
@@ -930,7 +1076,8 @@ enum Next {
     /// PAUSE is in force; wait for RESUME (within query_wait_timeout).
     Paused(Duration),
     /// The flag says the wait is caused by the database-wide limit, not the pool size.
-    Wait(oneshot::Receiver<Result<Pooled>>, Duration, bool),
+    /// The number of the wait, in the client's [`Handover`].
+    Wait(u64, bool),
 }
 
 /// The servers open to one database across the pools of all its users, bounded by
@@ -1093,11 +1240,7 @@ fn clone_error(e: &Error) -> Error {
 
 /// How long the longest-waiting client has waited, queued or held back by PAUSE.
 fn oldest_wait(st: &State) -> Option<Duration> {
-    let queued = st
-        .waiters
-        .iter()
-        .find(|w| !w.tx.is_closed())
-        .map(|w| w.since);
+    let queued = st.waiters.iter().find(|w| !w.gave_up()).map(|w| w.since);
     let held = st.held.iter().min().copied();
     [queued, held]
         .into_iter()
@@ -1173,5 +1316,52 @@ async fn upkeep(pool: Weak<Pool>) {
             None => return,
         };
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn timeout() -> Result<Pooled> {
+        Err(Error::PoolTimeout(Duration::from_secs(1)))
+    }
+
+    #[test]
+    fn a_slot_serves_only_the_wait_in_progress() {
+        let slot = Slot::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = slot.begin();
+        assert!(slot.is_waiting(first));
+        assert!(slot.poll_take(&mut cx).is_pending());
+        // The client gives the first wait up; its queue entry stays behind.
+        assert!(slot.abandon(first).is_none());
+        assert!(!slot.is_waiting(first));
+        let second = slot.begin();
+        assert_ne!(first, second);
+        // The stale entry neither serves nor times out the second wait.
+        assert!(matches!(slot.hand(first, timeout()), Err(Err(_))));
+        assert!(slot.poll_take(&mut cx).is_pending());
+        assert!(slot.hand(second, timeout()).is_ok());
+        assert!(!slot.is_waiting(second));
+        assert!(matches!(
+            slot.poll_take(&mut cx),
+            Poll::Ready(Err(Error::PoolTimeout(_)))
+        ));
+        // Handed once: a second hand-over for the same wait comes back.
+        assert!(matches!(slot.hand(second, timeout()), Err(Err(_))));
+    }
+
+    #[test]
+    fn what_is_handed_as_a_wait_is_given_up_goes_back_to_the_client() {
+        let slot = Slot::default();
+        let wait = slot.begin();
+        assert!(slot.hand(wait, timeout()).is_ok());
+        assert!(matches!(
+            slot.abandon(wait),
+            Some(Err(Error::PoolTimeout(_)))
+        ));
+        assert!(slot.abandon(wait).is_none());
     }
 }

@@ -660,6 +660,78 @@ async fn clients_held_by_pause_are_counted_and_can_be_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_in_the_queue_leaves_it_and_the_next_one_gets_the_server() {
+    let (db, mux) = setup(
+        "console_queue_kill",
+        "default_pool_size = 1\nquery_wait_timeout = \"30s\"",
+    )
+    .await;
+    let admin = console(&mux, "app", "app-secret").await;
+    let holder = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+    // A statement after BEGIN: a lone BEGIN is answered by pgmux and holds no server.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    // Two clients queue for the one server, the victim first.
+    let mut queued = Vec::new();
+    let mut ids = Vec::new();
+    for i in 1..=2 {
+        let client = connect(mux.addr, "app", "app-secret", &db).await.unwrap();
+        queued.push(tokio::spawn(async move {
+            client.query_one("SELECT pg_backend_pid()", &[]).await
+        }));
+        let waiting = eventually(Duration::from_secs(10), || {
+            mux.app.pool_snapshot(&db, "app").unwrap().waiting == i
+        })
+        .await;
+        assert!(waiting, "client {i} did not queue");
+        let (_, clients) = show(&admin, "SHOW CLIENTS").await;
+        let id = clients
+            .iter()
+            .filter(|r| r["database"] == db && r["state"] == "waiting")
+            .map(|r| r["id"].clone())
+            .find(|id| !ids.contains(id))
+            .expect("the new waiting client");
+        ids.push(id);
+    }
+    let next = queued.pop().unwrap();
+    let victim = queued.pop().unwrap();
+    admin
+        .simple_query(&format!("KILL_CLIENT {}", ids[0]))
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), victim)
+        .await
+        .expect("a killed client is let go at once")
+        .unwrap();
+    assert!(result.is_err());
+    let left = eventually(Duration::from_secs(10), || {
+        mux.app.pool_snapshot(&db, "app").unwrap().waiting == 1
+    })
+    .await;
+    assert!(left, "{:?}", mux.app.pool_snapshot(&db, "app"));
+
+    // The server the holder releases skips the killed client's place in the queue.
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    let row = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("the next client is served when the server is released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i32>(0),
+        holder_pid,
+        "the same server, handed over"
+    );
+    let snapshot = mux.app.pool_snapshot(&db, "app").unwrap();
+    assert_eq!((snapshot.open, snapshot.waiting), (1, 0), "{snapshot:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_lowers_limits_on_running_pools() {
     let (db, mux) = setup("console_set", "maintenance_interval = \"100ms\"").await;
     let admin = console(&mux, "app", "app-secret").await;
