@@ -15,7 +15,8 @@
 # extra transactions, is the cost of one transaction with logins taken out; start-up is
 # not counted at all (see count below). How many events one wake-up of the event loop
 # handles varies from run to run, which short runs would show; with 200 extra
-# transactions per client, repeated runs here agree to within about 10 instructions.
+# transactions per client, repeated runs here mostly agree to within about 15
+# instructions, with an odd run about 2% off.
 #
 # Environment: BENCH_POOLER (pgmux, the default, or pgbouncer: Debian's PgBouncer,
 # configured as in bench/run.sh, counted the same way), PGMUX_BIN (default: cargo build
@@ -129,31 +130,29 @@ chown postgres "$TMP/pgbouncer.ini" "$TMP/users.txt"
 # does: under callgrind that took from about 9 to 20 million instructions from one run
 # to the next, which moved the result by up to 1,200 per transaction.
 count() {
-    local out=$TMP/callgrind.$1 vg_pid
+    local out=$TMP/callgrind.$1
     local vg=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out")
+    local on=(timeout 60 callgrind_control -i on)
     if [ "$POOLER" = pgmux ]; then
         "${vg[@]}" "$PGMUX_BIN" -c "$TMP/pgmux.toml" --log-level warn 2>"$TMP/valgrind.log" &
-        MUX_PID=$!
-        vg_pid=$MUX_PID
     else
         # PgBouncer refuses to run as root.
         pg "${vg[@]}" pgbouncer -q "$TMP/pgbouncer.ini" 2>"$TMP/valgrind.log" &
-        MUX_PID=$!
     fi
+    MUX_PID=$!
     for _ in $(seq 300); do
         (exec 3<>"/dev/tcp/127.0.0.1/$MUX_PORT") 2>/dev/null && break
         sleep 0.1
     done
-    # PgBouncer's valgrind runs under runuser as `postgres`: it is found by its command,
-    # and switched on by callgrind_control run as the same user.
-    local as=()
-    if [ -z "${vg_pid:-}" ]; then
-        vg_pid=$(pgrep -f "^[^ ]*valgrind.*callgrind-out-file=$out" | tail -n 1)
-        as=(pg)
-    fi
     # The probe above opened and closed one connection, which may still be handled
     # after this: a cost that is the same in both runs.
-    "${as[@]}" timeout 60 callgrind_control -i on "$vg_pid" >/dev/null
+    if [ "$POOLER" = pgmux ]; then
+        "${on[@]}" "$MUX_PID" >/dev/null
+    else
+        # MUX_PID is the shell that runs runuser: valgrind is found by its command and
+        # switched on by callgrind_control run as the same user.
+        pg "${on[@]}" "$(pgrep -f "^[^ ]*valgrind.*callgrind-out-file=$out" | tail -n 1)" >/dev/null
+    fi
     "$PG_BIN/pgbench" -n $SCRIPT -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$1" \
         -h 127.0.0.1 -p "$MUX_PORT" -U postgres postgres >"$TMP/pgbench.$1" 2>&1 ||
         { cat "$TMP/pgbench.$1" >&2; exit 1; }
